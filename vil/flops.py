@@ -1,0 +1,23 @@
+"""FLOP counting with PyTorch's own flop counter (matrix products and convolutions)."""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(model: torch.nn.Module, img_size: int | tuple[int, int] = 224, in_chans: int | None = None) -> int:
+    """Forward FLOPs for one image (a multiply-add counts as 2 FLOPs, as torch's counter does).
+
+    Only matrix products and convolutions are counted; the mLSTM cell is counted in the form the model
+    is set to (the quadratic ``parallel`` form counts the full S x S products).
+    """
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    in_chans = in_chans or getattr(model, "in_chans", 3)
+    param = next(model.parameters())
+    x = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops()

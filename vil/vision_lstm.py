@@ -1,0 +1,579 @@
+"""Vision-LSTM (ViL): a stack of mLSTM blocks over patch tokens (Alkin et al., ICLR 2025).
+
+One file, in the spirit of timm's model files: building blocks, the model, and the registered configs.
+State-dict keys follow the authors' released models (``blocks.{pair}.rowwise_from_top_left.*`` etc.), so
+their checkpoints load unchanged (see ``vil.checkpoint``).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+
+from vil.mlstm import MLSTM_FORMS, mlstm
+from vil.registry import register_model
+
+TRAVERSALS = {
+    # Figure 4 of the paper. Blocks cycle through the directions: block j uses directions[j % len].
+    "uni": ("rowwise_from_top_left",),
+    "bi": ("rowwise_from_top_left", "rowwise_from_bot_right"),
+    "quad": ("rowwise_from_top_left", "rowwise_from_bot_right", "colwise_from_top_left", "colwise_from_bot_right"),
+    "oct": (
+        "rowwise_from_top_left", "rowwise_from_bot_right", "colwise_from_top_left", "colwise_from_bot_right",
+        "rowwise_from_top_right", "rowwise_from_bot_left", "colwise_from_top_right", "colwise_from_bot_left",
+    ),
+}
+CONV_KINDS = ("none", "causal1d", "1d", "2d")
+POOLINGS = ("bilateral_concat", "bilateral_mean", "avg", "center_avg", "cls")
+CLS_TOKENS = ("none", "bilateral", "mid", "mid+bilateral")
+CONCURRENCY = ("sequential", "parallel")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token orders
+# ----------------------------------------------------------------------------------------------------------------------
+def traversal_order(direction: str, grid: tuple[int, int], device=None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Token indices (row-major numbering) in the order ``direction`` visits them, and the grid shape that
+    the visited sequence forms when read back row by row (transposed for column-wise traversals)."""
+    H, W = grid
+    idx = torch.arange(H * W, device=device).view(H, W)
+    axis, start = direction.split("_from_")
+    if start in ("top_right", "bot_left"):
+        idx = idx.flip(1)
+    if axis == "colwise":
+        idx = idx.t()
+    order = idx.reshape(-1)
+    if start in ("bot_right", "bot_left"):
+        order = order.flip(0)
+    return order, tuple(idx.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """LayerNorm whose weight is stored as an offset from 1 (a stored zero means scale 1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), 1.0 + self.weight, self.bias, self.eps)
+
+
+class MultiHeadLayerNorm(LayerNorm):
+    """Normalizes each head's features separately: input (B, NH, S, DH), output (B, S, NH * DH)."""
+
+    def forward(self, h):
+        B, NH, S, DH = h.shape
+        h = F.layer_norm(h, (DH,), eps=self.eps).transpose(1, 2).reshape(B, S, NH * DH)
+        return h * (1.0 + self.weight) + (self.bias if self.bias is not None else 0.0)
+
+
+class BlockDiagonalLinear(nn.Module):
+    """A linear map whose weight is block-diagonal with ``dim // block_size`` blocks of block_size^2."""
+
+    def __init__(self, dim: int, block_size: int = 4, bias: bool = True):
+        super().__init__()
+        self.block_size = block_size
+        self.weight = nn.Parameter(torch.empty(dim // block_size, block_size, block_size))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        # A broadcast multiply-and-sum over 4 inputs: elementwise work that torch.compile fuses with its
+        # neighbours, where a batched matmul of 4x4 blocks would be a slow separate kernel.
+        out = (x.unflatten(-1, (-1, 1, self.block_size)) * self.weight).sum(-1).flatten(-2)
+        return out + self.bias if self.bias is not None else out
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal 1D convolution over the token sequence (xLSTM's original q/k convolution)."""
+
+    def __init__(self, dim: int, kernel_size: int = 4):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size - 1, groups=dim)
+
+    def forward(self, x):  # (B, N, C)
+        return self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+
+
+class MLSTMLayer(nn.Module):
+    """The gated-MLP mLSTM layer: up-projection, q/k convolution, mLSTM cell, head norm, skip and SiLU gate."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 4,
+        expansion: int = 2,
+        conv_kind: str = "2d",
+        conv_kernel_size: int = 3,
+        proj_bias: bool = True,
+        norm_bias: bool = True,
+        mlstm_form: str = "parallel",
+        chunk_size: int = 64,
+    ):
+        super().__init__()
+        inner = expansion * dim
+        if inner % num_heads:
+            raise ValueError(f"inner dim {inner} is not divisible by num_heads={num_heads}")
+        self.inner, self.num_heads, self.conv_kind = inner, num_heads, conv_kind
+        self.mlstm_form, self.chunk_size = mlstm_form, chunk_size
+        self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
+        self.q_proj = BlockDiagonalLinear(inner, bias=proj_bias)
+        self.k_proj = BlockDiagonalLinear(inner, bias=proj_bias)
+        self.v_proj = BlockDiagonalLinear(inner, bias=proj_bias)
+        if conv_kind == "2d":
+            self.conv = nn.Conv2d(inner, inner, conv_kernel_size, padding=conv_kernel_size // 2, groups=inner)
+        elif conv_kind == "1d":
+            self.conv = nn.Conv1d(inner, inner, conv_kernel_size, padding=conv_kernel_size // 2, groups=inner)
+        elif conv_kind == "causal1d":
+            self.conv1d = CausalConv1d(inner, conv_kernel_size)  # xLSTM's name, kept for checkpoint keys
+        elif conv_kind != "none":
+            raise ValueError(f"unknown conv_kind {conv_kind!r}; choose one of {CONV_KINDS}")
+        self.mlstm_cell = nn.Module()  # holds the gate and head-norm weights under the checkpoint's names
+        self.mlstm_cell.igate = nn.Linear(3 * inner, num_heads)
+        self.mlstm_cell.fgate = nn.Linear(3 * inner, num_heads)
+        self.mlstm_cell.outnorm = MultiHeadLayerNorm(inner, eps=1e-5, bias=norm_bias)
+        self.learnable_skip = nn.Parameter(torch.ones(inner))
+        self.proj_down = nn.Linear(inner, dim, bias=proj_bias)
+
+    def _conv(self, x, grid, patch_index):
+        if self.conv_kind == "none":
+            return x
+        if self.conv_kind == "causal1d":
+            return self.conv1d(x)
+        if self.conv_kind == "1d":
+            return self.conv(x.transpose(1, 2)).transpose(1, 2)
+        # 2d: the patch tokens, in this block's traversal order, form a (possibly flipped or transposed) grid.
+        B, N, C = x.shape
+        patches = x if patch_index is None else x[:, patch_index]
+        y = self.conv(patches.transpose(1, 2).reshape(B, C, *grid)).flatten(2).transpose(1, 2)
+        if patch_index is None:
+            return y
+        # [CLS] tokens have no grid neighbours: the convolution sees them as an isolated pixel.
+        center = self.conv.weight[:, 0, self.conv.kernel_size[0] // 2, self.conv.kernel_size[1] // 2]
+        out = x * center + self.conv.bias
+        return out.index_copy(1, patch_index, y)
+
+    def forward(self, x, grid: tuple[int, int], patch_index: torch.Tensor | None = None):
+        B, N, _ = x.shape
+        x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)
+        x_conv = F.silu(self._conv(x_mlstm, grid, patch_index))
+        q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
+        qkv = torch.cat([q, k, v], dim=-1)
+        igate = self.mlstm_cell.igate(qkv).transpose(1, 2)  # (B, NH, N)
+        fgate = self.mlstm_cell.fgate(qkv).transpose(1, 2)
+        q, k, v = (t.view(B, N, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        h = mlstm(q, k, v, igate, fgate, form=self.mlstm_form, chunk_size=self.chunk_size)
+        h = self.mlstm_cell.outnorm(h) + self.learnable_skip * x_conv
+        return self.proj_down(h * F.silu(z))
+
+
+class MLSTMBlock(nn.Module):
+    """Pre-norm residual block ``x + drop_path(layer(norm(x)))`` that visits tokens in one direction."""
+
+    def __init__(self, dim: int, direction: str, drop_path: float = 0.0, norm_bias: bool = True, **layer_kwargs):
+        super().__init__()
+        self.direction = direction
+        self.norm = LayerNorm(dim, eps=1e-5, bias=norm_bias)
+        self.layer = MLSTMLayer(dim, norm_bias=norm_bias, **layer_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def branch(self, x, layout):
+        """The residual branch in original token order; ``layout`` maps directions to token orders."""
+        order, inverse, grid, patch_index = layout[self.direction]
+        x = self.norm(x)
+        if order is not None:
+            x = x[:, order]
+        x = self.layer(x, grid, patch_index)
+        if inverse is not None:
+            x = x[:, inverse]
+        return self.drop_path(x)
+
+    def forward(self, x, layout):
+        return x + self.branch(x, layout)
+
+
+class MLSTMBlockPair(nn.Module):
+    """Two blocks; applied one after the other (the paper's eq. 13-14) or both on the same input (eq. 15)."""
+
+    def __init__(self, directions: tuple[str, str], drop_paths: tuple[float, float], concurrency: str, **kwargs):
+        super().__init__()
+        names = list(directions)
+        if names[0] == names[1]:
+            names[1] = names[1] + "_2"
+        self.names = names
+        self.concurrency = concurrency
+        for name, direction, dp in zip(names, directions, drop_paths):
+            self.add_module(name, MLSTMBlock(direction=direction, drop_path=dp, **kwargs))
+
+    def sub_blocks(self):
+        return [getattr(self, name) for name in self.names]
+
+    def forward(self, x, layout):
+        a, b = self.sub_blocks()
+        if self.concurrency == "parallel":
+            return x + a.branch(x, layout) + b.branch(x, layout)
+        return b(a(x, layout), layout)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size, self.in_chans = patch_size, in_chans
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, dim)
+
+
+class PosEmbed(nn.Module):
+    """Learnable absolute position embedding on a (H, W) grid, bicubically resized to other grids."""
+
+    def __init__(self, grid: tuple[int, int], dim: int):
+        super().__init__()
+        self.embed = nn.Parameter(torch.zeros(1, *grid, dim))
+        trunc_normal_(self.embed, std=0.02)
+
+    def forward(self, x):  # (B, H, W, dim)
+        return x + resize_pos_embed(self.embed, tuple(x.shape[1:3]))
+
+
+def resize_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic (align_corners=False) resize of a (1, H, W, dim) position embedding to ``grid``."""
+    if tuple(embed.shape[1:3]) == tuple(grid):
+        return embed
+    out = F.interpolate(embed.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+class VisionLSTM(nn.Module):
+    """Vision-LSTM.
+
+    Args mirror the paper's ablations: ``traversal`` (Table 4a), ``conv_kind`` (4b), ``pos_embed`` (4c),
+    ``concurrency`` (4d), ``pooling`` and ``cls_tokens`` (Table 5). ``depth`` counts block pairs.
+    ``version=1`` builds the first release's layout (bias-free projections and norms, causal conv1d,
+    bilateral mean pooling, token norm named ``legacy_norm`` and head norm named ``norm``).
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 4,
+        traversal: str = "bi",
+        conv_kind: str = "2d",
+        conv_kernel_size: int = 3,
+        pos_embed: bool = True,
+        concurrency: str = "sequential",
+        pooling: str = "bilateral_concat",
+        cls_tokens: str = "none",
+        drop_path_rate: float = 0.0,
+        drop_path_schedule: str = "constant",
+        mlstm_form: str = "parallel",
+        chunk_size: int = 64,
+        proj_bias: bool = True,
+        norm_bias: bool = True,
+        version: int = 2,
+    ):
+        super().__init__()
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        for name, value, allowed in [
+            ("traversal", traversal, tuple(TRAVERSALS)), ("conv_kind", conv_kind, CONV_KINDS),
+            ("pooling", pooling, POOLINGS), ("cls_tokens", cls_tokens, CLS_TOKENS),
+            ("concurrency", concurrency, CONCURRENCY), ("mlstm_form", mlstm_form, MLSTM_FORMS),
+            ("drop_path_schedule", drop_path_schedule, ("constant", "linear")),
+        ]:
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        if pooling == "cls" and cls_tokens == "none":
+            raise ValueError("pooling='cls' needs cls_tokens")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.num_classes, self.dim, self.depth, self.version = num_classes, dim, depth, version
+        self.traversal, self.pooling, self.cls_tokens, self.concurrency = traversal, pooling, cls_tokens, concurrency
+        self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
+        self.pos_embed = PosEmbed(self.grid, dim) if pos_embed else None
+        num_cls = {"none": 0, "bilateral": 2, "mid": 1, "mid+bilateral": 3}[cls_tokens]
+        self.cls_token = nn.Parameter(torch.zeros(1, num_cls, dim)) if num_cls else None
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
+
+        num_blocks = 2 * depth
+        if drop_path_schedule == "linear":
+            rates = [drop_path_rate * j / max(num_blocks - 1, 1) for j in range(num_blocks)]
+        else:
+            rates = [drop_path_rate] * num_blocks
+        directions = TRAVERSALS[traversal]
+        layer_kwargs = dict(
+            dim=dim, num_heads=num_heads, conv_kind=conv_kind, conv_kernel_size=conv_kernel_size,
+            proj_bias=proj_bias, norm_bias=norm_bias, mlstm_form=mlstm_form, chunk_size=chunk_size,
+        )
+        self.blocks = nn.ModuleList(
+            MLSTMBlockPair(
+                directions=(directions[(2 * i) % len(directions)], directions[(2 * i + 1) % len(directions)]),
+                drop_paths=(rates[2 * i], rates[2 * i + 1]),
+                concurrency=concurrency,
+                **layer_kwargs,
+            )
+            for i in range(depth)
+        )
+        head_in = {"bilateral_concat": 2 * dim, "cls": max(num_cls, 1) * dim}.get(pooling, dim)
+        if version == 1:
+            self.legacy_norm = LayerNorm(dim, eps=1e-5, bias=False)
+            self.norm = nn.LayerNorm(head_in, eps=1e-6)
+        else:
+            self.norm = LayerNorm(dim, eps=1e-6, bias=norm_bias)
+            self.legacy_norm = nn.LayerNorm(head_in, eps=1e-5)
+        self.head_in = head_in
+        self.head = nn.Linear(head_in, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # -- init ----------------------------------------------------------------------------------------------------------
+    def init_weights(self):
+        num_blocks = 2 * self.depth
+        for block in self.iter_blocks():
+            layer = block.layer
+            small = math.sqrt(2 / (5 * layer.proj_up.in_features))
+            nn.init.normal_(layer.proj_up.weight, std=small)
+            for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
+                nn.init.normal_(proj.weight, std=math.sqrt(2 / (5 * layer.inner)))
+            nn.init.normal_(layer.proj_down.weight, std=2 / num_blocks / math.sqrt(layer.proj_down.out_features))
+            for lin in (layer.proj_up, layer.proj_down):
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            cell = layer.mlstm_cell
+            nn.init.zeros_(cell.igate.weight)
+            nn.init.normal_(cell.igate.bias, std=0.1)
+            nn.init.zeros_(cell.fgate.weight)
+            with torch.no_grad():
+                cell.fgate.bias.copy_(torch.linspace(3.0, 6.0, cell.fgate.bias.numel()))
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+
+    # -- helpers -------------------------------------------------------------------------------------------------------
+    def iter_blocks(self):
+        """The mLSTM blocks in flat order (block j is sub-block j % 2 of pair j // 2)."""
+        for pair in self.blocks:
+            yield from pair.sub_blocks()
+
+    def set_mlstm_form(self, form: str, chunk_size: int | None = None):
+        if form not in MLSTM_FORMS:
+            raise ValueError(f"unknown mlstm form {form!r}; choose one of {MLSTM_FORMS}")
+        for block in self.iter_blocks():
+            block.layer.mlstm_form = form
+            if chunk_size is not None:
+                block.layer.chunk_size = chunk_size
+
+    def _cls_slots(self, num_patches: int) -> list[int]:
+        """Positions of the [CLS] tokens in the canonical (row-major) sequence."""
+        mid = num_patches // 2
+        return {
+            "none": [], "bilateral": [0, num_patches + 1], "mid": [mid], "mid+bilateral": [0, mid + 1, num_patches + 2],
+        }[self.cls_tokens]
+
+    def _layout(self, grid: tuple[int, int], device) -> dict:
+        """For every direction in use: token order, its inverse, the traversal grid and patch positions."""
+        layout = {}
+        num_patches = grid[0] * grid[1]
+        slots = self._cls_slots(num_patches)
+        for block in self.iter_blocks():
+            d = block.direction
+            if d in layout:
+                continue
+            perm, dgrid = traversal_order(d, grid, device)
+            if not slots and d == "rowwise_from_top_left":
+                layout[d] = (None, None, dgrid, None)
+                continue
+            if slots:
+                # Keep [CLS] tokens at their slots of the forward traversal; reversed traversals mirror all.
+                reverse = d.endswith(("bot_right", "bot_left"))
+                fwd = perm.flip(0) if reverse else perm
+                is_patch = torch.ones(num_patches + len(slots), dtype=torch.bool, device=device)
+                is_patch[slots] = False
+                canon_patch_pos = is_patch.nonzero().squeeze(1)
+                order = torch.empty_like(is_patch, dtype=torch.long)
+                order[~is_patch] = torch.tensor(slots, device=device)
+                order[is_patch] = canon_patch_pos[fwd]
+                if reverse:
+                    order = order.flip(0)
+                    is_patch = is_patch.flip(0)
+                patch_index = is_patch.nonzero().squeeze(1)
+            else:
+                order, patch_index = perm, None
+            layout[d] = (order, torch.argsort(order), dgrid, patch_index)
+        return layout
+
+    # -- forward -------------------------------------------------------------------------------------------------------
+    def _embed(self, x):
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = self.pos_embed(x)
+        grid = tuple(x.shape[1:3])
+        x = x.flatten(1, 2)
+        if self.cls_token is not None:
+            slots = self._cls_slots(x.shape[1])
+            parts, prev = [], 0
+            for n, slot in enumerate(slots):
+                patch_pos = slot - n  # patches placed before this slot
+                parts += [x[:, prev:patch_pos], self.cls_token[:, n : n + 1].expand(x.shape[0], -1, -1)]
+                prev = patch_pos
+            x = torch.cat(parts + [x[:, prev:]], dim=1)
+        return x, grid
+
+    def _token_norm(self):
+        return self.legacy_norm if self.version == 1 else self.norm
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm, shape (B, N, dim) (N includes [CLS] tokens if any)."""
+        x, grid = self._embed(x)
+        layout = self._layout(grid, x.device)
+        for pair in self.blocks:
+            x = pair(x, layout)
+        return self._token_norm()(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int], norm: bool = False) -> list[torch.Tensor]:
+        """Patch-token maps (B, dim, H/p, W/p) after the given flat block indices (0 .. 2*depth-1).
+
+        With ``concurrency='parallel'`` the indices count pairs' outputs as the odd flat indices.
+        """
+        indices = sorted(set(int(i) % (2 * self.depth) for i in indices))
+        x, grid = self._embed(x)
+        layout = self._layout(grid, x.device)
+        patch_pos = self._patch_positions(x.shape[1], x.device)
+        outs, j = [], 0
+        for pair in self.blocks:
+            if self.concurrency == "parallel":
+                x = pair(x, layout)
+                steps = [(j, x), (j + 1, x)]
+            else:
+                a, b = pair.sub_blocks()
+                x = a(x, layout)
+                steps = [(j, x)]
+                x = b(x, layout)
+                steps.append((j + 1, x))
+            for idx, y in steps:
+                if idx in indices:
+                    y = self._token_norm()(y) if norm else y
+                    outs.append(self._to_image(y, grid, patch_pos))
+            j += 2
+            if j > indices[-1]:
+                break
+        return outs
+
+    def _patch_positions(self, num_tokens, device):
+        if self.cls_token is None:
+            return None
+        is_patch = torch.ones(num_tokens, dtype=torch.bool, device=device)
+        is_patch[self._cls_slots(num_tokens - self.cls_token.shape[1])] = False
+        return is_patch.nonzero().squeeze(1)
+
+    @staticmethod
+    def _to_image(x, grid, patch_pos=None):
+        if patch_pos is not None:
+            x = x[:, patch_pos]
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+
+    def forward_feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Final patch tokens after the final norm as a (B, dim, H/p, W/p) map."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        tokens = self.forward_features(x)
+        return self._to_image(tokens, grid, self._patch_positions(tokens.shape[1], tokens.device))
+
+    def pool(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.pooling == "cls":
+            slots = self._cls_slots(grid[0] * grid[1])
+            return x[:, slots].flatten(1)
+        patches = x if self.cls_token is None else x[:, self._patch_positions(x.shape[1], x.device)]
+        if self.pooling == "bilateral_concat":
+            return torch.cat([patches[:, 0], patches[:, -1]], dim=1)
+        if self.pooling == "bilateral_mean":
+            return (patches[:, 0] + patches[:, -1]) / 2
+        if self.pooling == "avg":
+            return patches.mean(1)
+        H, W = grid  # center_avg: the 2x2 (or smaller, for odd sides) center patches
+        rows, cols = slice((H - 1) // 2, H // 2 + 1), slice((W - 1) // 2, W // 2 + 1)
+        return patches.view(x.shape[0], H, W, -1)[:, rows, cols].flatten(1, 2).mean(1)
+
+    def forward_head(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = self.pool(x, grid)
+        x = self.norm(x) if self.version == 1 else self.legacy_norm(x)
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        return self.forward_head(self.forward_features(x), grid)
+
+    def reset_classifier(self, num_classes: int):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.head_in, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay_keys(self) -> set[str]:
+        """Parameters besides biases and norm weights that take no weight decay."""
+        keys = {"pos_embed.embed", "cls_token"}
+        for name, _ in self.named_parameters():
+            if name.endswith(("igate.bias", "fgate.bias")):
+                keys.add(name)
+        return keys
+
+    def lr_layer_id(self, name: str) -> int:
+        """Layer index for layer-wise lr decay: embeddings 0, pair i -> i + 1, everything after -> depth + 1."""
+        if name.startswith(("patch_embed", "pos_embed", "cls_token")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.depth + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registered configurations
+# ----------------------------------------------------------------------------------------------------------------------
+_V1 = dict(version=1, conv_kind="causal1d", conv_kernel_size=4, proj_bias=False, norm_bias=False, pooling="bilateral_mean")
+
+
+def _register(name: str, **config):
+    def build(**overrides):
+        return VisionLSTM(**{**config, **overrides})
+
+    build.__name__ = name
+    build.__doc__ = f"{name}: VisionLSTM({', '.join(f'{k}={v!r}' for k, v in config.items())})"
+    register_model(name, build, default_config=config)
+
+
+_register("vil2_tiny", dim=192)
+_register("vil2_small", dim=384)
+_register("vil2_base", dim=768)
+_register("vil_tiny", dim=192, **_V1)
+_register("vil_small", dim=384, **_V1)
+_register("vil_base", dim=768, **_V1)
+# Small configurations for CPU work and tests (not from the paper).
+_register("vil2_nano", dim=64, depth=2, patch_size=4, img_size=32)
+_register("vil2_digits", dim=64, depth=2, patch_size=2, img_size=8, in_chans=1, num_classes=10)
