@@ -1,0 +1,75 @@
+"""Image classification on a ViL backbone: cross-entropy (with optional mixup/cutmix and label smoothing),
+top-1/top-5 accuracy from torchmetrics. Run through LightningCLI:
+
+    vil-classify fit --config experiments/digits/vil_digits.yaml
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.cli import LightningCLI
+
+from vil.module import BackboneModule
+
+
+class ClassificationModule(BackboneModule):
+    """Args (besides the backbone's, see ``BackboneModule``):
+        num_classes: classifier outputs (sets ``model_kwargs['num_classes']``).
+        label_smoothing: cross-entropy label smoothing.
+        mixup_alpha / cutmix_alpha: batch mixing strengths (timm's Mixup); 0 disables them.
+    """
+
+    def __init__(self, num_classes: int = 1000, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
+                 cutmix_alpha: float = 0.0, **kwargs):
+        kwargs["model_kwargs"] = {**(kwargs.get("model_kwargs") or {}), "num_classes": num_classes}
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                               label_smoothing=label_smoothing, num_classes=num_classes)
+        top_k = min(5, num_classes)
+        metrics = {"acc": torchmetrics.Accuracy("multiclass", num_classes=num_classes)}
+        if top_k > 1 and num_classes > 5:
+            metrics["acc_top5"] = torchmetrics.Accuracy("multiclass", num_classes=num_classes, top_k=top_k)
+        self.val_metrics = torchmetrics.MetricCollection(metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+
+    def forward(self, x):
+        return self.backbone(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.mixup is not None:
+            x, soft = self.mixup(x, y)
+            loss = torch.sum(-soft * F.log_softmax(self(x), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.check_finite(loss, self.global_step)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+        return loss
+
+    def _evaluate(self, batch, metrics, stage):
+        x, y = batch
+        logits = self.evaluation_modules()["backbone"](x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True)
+        metrics.update(logits, y)
+        self.log_dict(metrics, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, self.test_metrics, "test")
+
+
+def main(args=None):
+    LightningCLI(ClassificationModule, save_config_kwargs={"overwrite": True}, args=args)
+
+
+if __name__ == "__main__":
+    main()
