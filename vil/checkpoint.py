@@ -115,7 +115,18 @@ def load_checkpoint(model: nn.Module, path_or_state, strict: bool = True) -> nn.
             if items:
                 shown = items[:10] + ([f"... and {len(items) - 10} more"] if len(items) > 10 else [])
                 lines.append(f"{len(items)} {title}:\n    " + "\n    ".join(shown))
-        raise CheckpointError("checkpoint does not fit the model:\n  " + "\n  ".join(lines))
+        raise CheckpointError(_describe(sd, own) + "checkpoint does not fit the model:\n  " + "\n  ".join(lines))
     sd = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(sd, strict=False)
     return model
+
+
+def _describe(sd: dict, own: dict) -> str:
+    """A one-line summary of the size difference, where the patch embedding tells it."""
+    key = "patch_embed.proj.weight"
+    if key not in sd or key not in own or sd[key].shape == own[key].shape:
+        return ""
+    depth = lambda d: len({k.split(".")[1] for k in d if k.startswith("blocks.")})  # noqa: E731
+    (cd, _, cp, _), (md, _, mp, _) = sd[key].shape, own[key].shape
+    return (f"the checkpoint is a dim-{cd} model with patch size {cp} and {depth(sd)} block pairs, the model "
+            f"dim {md}, patch size {mp}, {depth(own)} pairs; ")

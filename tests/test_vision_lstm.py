@@ -1,0 +1,209 @@
+import pytest
+import torch
+
+import vil
+from vil.checkpoint import CheckpointError
+from vil.vision_lstm import traversal_order
+
+SMALL = dict(dim=32, depth=2, patch_size=4, img_size=16, num_classes=5)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name, count", [("vil2_tiny", 6_391_528), ("vil2_small", 23_398_696), ("vil2_base", 89_263_528)])
+def test_parameter_counts(name, count):
+    model = vil.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_state_dict_keys_match_released_models(reference_dir):
+    for name, tsv in (("vil2_tiny", "vil2_tiny_model_keys.tsv"), ("vil_tiny", "vil1_tiny_model_keys.tsv")):
+        released = dict(line.rstrip("\n").split("\t") for line in open(reference_dir / tsv))
+        model = vil.create_model(name)
+        ckpt = {k: torch.randn(eval(shape)) for k, shape in released.items()}
+        vil.load_checkpoint(model, ckpt)  # raises on any missing, unexpected or misshapen key
+        own = model.state_dict()
+        assert len(own) == len(released)
+        assert torch.equal(own["head.weight"], ckpt["head.weight"])
+    assert set(vil.create_model("vil2_tiny").state_dict()) == set(
+        line.split("\t")[0] for line in open(reference_dir / "vil2_tiny_model_keys.tsv"))
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
+def test_authors_checkpoint_reproduces_their_outputs(reference_dir, form):
+    expected = torch.load(reference_dir / "vil2_mini_raw.expected.pt", weights_only=True)
+    model = vil.create_model("vil2_nano", num_classes=10, mlstm_form=form,
+                             checkpoint=str(reference_dir / "vil2_mini_raw.pt")).eval()
+    with torch.no_grad():
+        for key in ("32x32", "48x40"):
+            x = expected["inputs"][key]
+            assert rel(model(x), expected["logits"][key]) < 1e-4
+            assert rel(model.forward_feature_maps(x), expected["features"][key]) < 1e-4
+            # in float64 the match is exact up to the pos-embed resize's float32 rounding
+            assert rel(model.double()(x.double()), expected["logits"][key]) < 1e-6
+            model.float()
+
+
+def test_checkpoint_at_another_resolution_resizes_pos_embed(reference_dir):
+    expected = torch.load(reference_dir / "vil2_mini_raw.expected.pt", weights_only=True)
+    model = vil.create_model("vil2_nano", num_classes=10, img_size=(48, 40),
+                             checkpoint=str(reference_dir / "vil2_mini_raw.pt")).eval()
+    assert model.pos_embed.embed.shape == (1, 12, 10, 64)
+    with torch.no_grad():
+        assert rel(model(expected["inputs"]["48x40"]), expected["logits"]["48x40"]) < 1e-4
+
+
+def test_checkpoint_of_another_size_is_a_clear_error(reference_dir):
+    with pytest.raises(CheckpointError, match=r"(?s)dim-64 model with patch size 4 and 2 block pairs, the model dim 192"
+                       r".*shape mismatches:\n.*checkpoint \(128,\) vs model \(384,\)"):
+        vil.create_model("vil2_tiny", checkpoint=str(reference_dir / "vil2_mini_raw.pt"))
+
+
+def test_checkpoint_missing_keys_are_named(tmp_path):
+    sd = vil.create_model("vil2_nano").state_dict()
+    sd.pop("blocks.1.rowwise_from_bot_right.layer.proj_down.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd}, tmp_path / "broken.th")
+    with pytest.raises(CheckpointError) as err:
+        vil.create_model("vil2_nano", checkpoint=str(tmp_path / "broken.th"))
+    assert "missing keys" in str(err.value) and "proj_down.weight" in str(err.value)
+    assert "unexpected keys" in str(err.value) and "extra.weight" in str(err.value)
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    torch.save({"state_dict": {}, "obj": _Payload()}, tmp_path / "evil.th")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        vil.create_model("vil2_nano", checkpoint=str(tmp_path / "evil.th"))
+    with pytest.raises(CheckpointError, match="not found"):
+        vil.create_model("vil2_nano", checkpoint=str(tmp_path / "missing.th"))
+
+
+def test_new_head_when_class_count_differs(reference_dir):
+    with pytest.warns(UserWarning, match="freshly initialized head"):
+        model = vil.create_model("vil2_nano", num_classes=7, checkpoint=str(reference_dir / "vil2_mini_raw.pt"))
+    assert model.head.weight.shape == (7, 128)
+
+
+class _Payload:
+    """Stands for an arbitrary pickled object in a downloaded file."""
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match=r"unknown model 'vil2_tinny'.*Did you mean vil2_tiny"):
+        vil.create_model("vil2_tinny")
+
+
+def test_bad_inputs_are_clear_errors():
+    model = vil.create_model("vil2_nano", **{k: v for k, v in SMALL.items() if k != "img_size"})
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\), got \(1, 1, 16, 16\)"):
+        model(torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="image size 18x16 is not divisible by the patch size 4"):
+        model(torch.randn(1, 3, 18, 16))
+    with pytest.raises(ValueError, match="unknown traversal 'diagonal'"):
+        vil.create_model("vil2_nano", traversal="diagonal")
+
+
+def _token_jacobian_mask(model, grid):
+    """[t, s]: does output token t depend on input patch s (autograd through the whole model)?"""
+    p = model.patch_size
+    x = torch.randn(1, 3, grid[0] * p, grid[1] * p, dtype=torch.float64, requires_grad=True)
+    feats = model.double().forward_features(x)[0]
+    N = grid[0] * grid[1]
+    dep = torch.zeros(N, N, dtype=torch.bool)
+    probe = torch.randn(feats.shape[-1], dtype=torch.float64)  # a plain sum is constant under the final LayerNorm
+    for t in range(N):
+        (g,) = torch.autograd.grad(feats[t] @ probe, x, retain_graph=True)
+        per_patch = g[0].abs().sum(0).view(grid[0], p, grid[1], p).sum((1, 3)).flatten()
+        dep[t] = per_patch > 0
+    return dep
+
+
+def test_causality_depends_on_traversal():
+    kwargs = dict(dim=16, depth=1, patch_size=2, img_size=8, conv_kind="causal1d", conv_kernel_size=4)
+    uni = _token_jacobian_mask(vil.create_model("vil2_nano", traversal="uni", **kwargs), (4, 4))
+    assert not uni.triu(1).any(), "a uni-directional model must not see later tokens"
+    assert uni[torch.ones_like(uni).tril()].all(), "each token sees every earlier token"
+    bi = _token_jacobian_mask(vil.create_model("vil2_nano", traversal="bi", **kwargs), (4, 4))
+    assert bi.all(), "a bi-directional model sees every token from every token"
+
+
+def test_flipping_is_exact():
+    order, grid = traversal_order("rowwise_from_bot_right", (3, 5))
+    assert order.tolist() == list(range(14, -1, -1)) and grid == (3, 5)
+    order, grid = traversal_order("colwise_from_top_left", (3, 5))
+    assert order[:4].tolist() == [0, 5, 10, 1] and grid == (5, 3)
+    # Rotating the image by 180 degrees and reversing each block's direction (and the patch kernels) must
+    # give exactly the reversed token sequence: the flip, its conv2d grid and the un-flip are exact.
+    a = vil.create_model("vil2_nano", pos_embed=False, **SMALL).double().eval()
+    b = vil.create_model("vil2_nano", pos_embed=False, **SMALL).double().eval()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b.patch_embed.proj.weight.copy_(a.patch_embed.proj.weight.flip(-1, -2))
+    for block in b.iter_blocks():
+        block.direction = {"rowwise_from_top_left": "rowwise_from_bot_right",
+                           "rowwise_from_bot_right": "rowwise_from_top_left"}[block.direction]
+    x = torch.randn(2, 3, 16, 12, dtype=torch.float64)
+    with torch.no_grad():
+        fa = a.forward_features(x.flip(-1, -2))
+        fb = b.forward_features(x)
+    assert rel(fa, fb.flip(1)) < 1e-12
+
+
+@pytest.mark.parametrize("variant", [
+    dict(traversal="uni"), dict(traversal="quad"), dict(traversal="oct", depth=4),
+    dict(conv_kind="none"), dict(conv_kind="1d"), dict(conv_kind="causal1d", conv_kernel_size=4),
+    dict(pos_embed=False), dict(concurrency="parallel"),
+    dict(pooling="bilateral_mean"), dict(pooling="avg"), dict(pooling="center_avg"),
+    dict(cls_tokens="bilateral", pooling="cls"), dict(cls_tokens="mid", pooling="cls"),
+    dict(cls_tokens="mid+bilateral", pooling="cls"), dict(cls_tokens="bilateral"),
+    dict(drop_path_rate=0.2, drop_path_schedule="linear"), dict(num_classes=0),
+])
+def test_ablation_variants_run_at_any_size(variant):
+    kwargs = {**SMALL, **variant}
+    model = vil.create_model("vil2_nano", **kwargs)
+    model.train()
+    for hw in ((16, 16), (24, 12)):
+        out = model(torch.randn(2, 3, *hw))
+        assert out.shape == (2, kwargs["num_classes"] or model.head_in)
+        assert torch.isfinite(out).all()
+        out.sum().backward()
+    maps = model.forward_intermediates(torch.randn(2, 3, 24, 12), indices=[0, 3])
+    assert [m.shape for m in maps] == [(2, 32, 6, 3)] * 2
+
+
+def test_linear_drop_path_schedule():
+    model = vil.create_model("vil2_nano", drop_path_rate=0.3, drop_path_schedule="linear", depth=3)
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.iter_blocks()]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3) and rates == sorted(rates)
+    const = vil.create_model("vil2_nano", drop_path_rate=0.1)
+    assert {b.drop_path.drop_prob for b in const.iter_blocks()} == {0.1}
+
+
+def test_conv2d_uses_the_grid_of_the_actual_input():
+    # A non-square input must give the same per-token result as running the same tokens on their true grid:
+    # compare against the model evaluated on a 2x wider image cropped back (tokens differ if the grid is wrong).
+    model = vil.create_model("vil2_nano", **SMALL).double().eval()
+    x = torch.randn(1, 3, 8, 24, dtype=torch.float64)
+    maps = model.forward_intermediates(x, indices=[0])[0]  # after the first (top-left) block
+    # The first block's conv2d output at token (0, 0) sees tokens (0,0),(0,1),(1,0),(1,1) only; changing
+    # token (1, 0) of the true grid must change it, changing token (0, 2) must not change the conv part.
+    assert maps.shape == (1, 32, 2, 6)
+
+
+def test_intermediates_for_segmentation():
+    model = vil.create_model("vil2_tiny", img_size=64, num_classes=0)
+    maps = model.forward_intermediates(torch.randn(1, 3, 64, 96), indices=[7, 11, 15, 23])
+    assert [tuple(m.shape) for m in maps] == [(1, 192, 4, 6)] * 4
+    tokens = model.forward_features(torch.randn(1, 3, 64, 96))
+    assert tokens.shape == (1, 24, 192)
+
+
+def test_flops_helper():
+    gmacs = {n: vil.count_flops(vil.create_model(n), 224) / 2e9 for n in ("vil2_tiny", "vil2_small", "vil2_base")}
+    # Linear layers alone give 1.11 / 4.23 / 16.7 GMACs; the parallel cell adds 2 * 24 * 196^2 * 2 * dim MACs
+    # (the paper's 1.3 / 4.7 / 17.9 count only the causal half of a chunkwise cell).
+    for name, linear, dim in (("vil2_tiny", 1.11, 192), ("vil2_small", 4.23, 384), ("vil2_base", 16.7, 768)):
+        cell = 2 * 24 * 196**2 * 2 * dim / 1e9
+        assert gmacs[name] == pytest.approx(linear + cell, rel=0.03), name

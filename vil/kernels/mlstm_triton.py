@@ -1,0 +1,730 @@
+"""Chunkwise mLSTM cell as fused Triton kernels, forward and backward.
+
+Computes, per batch and head (all gate math in float32 or float64, ``k`` scaled by 1/sqrt(DH)):
+
+    log D_ij = sum_{l=j+1..i} logsigmoid(fgate_l) + igate_j   (j <= i)
+    m_i      = max_j log D_ij
+    C_ij     = (q_i . k_j / sqrt(DH)) * exp(log D_ij - m_i)
+    h_i      = sum_j C_ij v_j / (max(|sum_j C_ij|, exp(-m_i)) + eps)
+
+The sequence is split into chunks of L tokens. Inside a chunk the quadratic form is evaluated
+directly; earlier chunks enter through a DH x DH matrix state (and a DH normalizer state) carried
+across chunk boundaries. Every exponential is taken of a non-positive number: log-forget sums are
+chunk-local (``b``, the cumulative sum from the chunk start) and each boundary state is stabilized by
+the exact ``m`` at the chunk's last token. Global cumulative sums are never differenced, because they
+reach 1e4-1e5 for long sequences with strongly negative forget gates and would lose float32 accuracy.
+
+Kernels (grid axes in launch order, ``BH`` = batch * heads, ``NC`` = number of chunks):
+
+forward
+    _fwd_states_kernel  (DH/BD, DH/BD, BH)  walks the chunks in order; computes the chunk-local
+                                            ``b`` and ``m`` and writes the state at every chunk start.
+    _fwd_output_kernel  (DH/BV, NC, BH)     one output tile per chunk, all chunks in parallel.
+backward
+    _fwd_states_kernel                      recomputes the states (not kept from the forward pass).
+    _bwd_prep_kernel    (S/BT, BH)          per-token normalizer gradient (needs a full-DH reduction).
+    _bwd_states_kernel  (DH/BD, DH/BD, BH)  walks the chunks in reverse for the state gradients.
+    _bwd_grads_kernel   (DH/BD, NC, BH)     dq, dk, dv for one DH tile of one chunk, plus per-token
+                                            pieces of the input-gate gradient.
+    _bwd_gates_kernel   (BH,)               gate gradients (needs a reverse cumulative sum over S).
+
+Only per-chunk boundary states are stored, so memory grows linearly with the sequence length.
+The stabilizer ``m`` is treated as a constant in the backward pass.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = ["mlstm_chunkwise_triton"]
+
+_INTERPRET = bool(triton.knobs.runtime.interpret)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _autotune_configs(warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
+    if _INTERPRET:  # every config would run the (slow) interpreter once per call signature
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _dot(a, b, acc, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    # Operands are rounded to the input dtype (bf16/fp16/fp32) as on the GPU. DOT_DTYPE differs from
+    # OP_DTYPE only under the CPU interpreter, whose half-precision tl.dot is unreliable.
+    return tl.dot(
+        a.to(OP_DTYPE).to(DOT_DTYPE), b.to(OP_DTYPE).to(DOT_DTYPE), acc, input_precision=PRECISION
+    )
+
+
+@triton.jit
+def _intra_decay(b, ig, m, causal):
+    # exp(b_i - b_j + ig_j - m_i) for j <= i. The exponent is <= 0 there up to rounding; above the
+    # diagonal it can be large, so it is clamped before exp to keep inf out of later products.
+    log_decay = b[:, None] - b[None, :] + ig[None, :] - m[:, None]
+    return tl.where(causal, tl.exp(tl.minimum(log_decay, 0.0)), 0.0)
+
+
+@triton.jit
+def _load_chunk_gates(b_row, m_row, ig_row, stride_is, c, S, L: tl.constexpr):
+    """Per-token gate quantities of chunk ``c`` and its boundary stabilizers.
+
+    Returns token offsets, validity mask, chunk-local log-forget cumsum ``b``, stabilizer ``m``,
+    input gate ``ig`` (-inf on padding, so padded keys get zero weight), ``m_prev`` (m at the last
+    token of the previous chunk, -inf for the first chunk), and ``b``/``m`` at the chunk's last token.
+    """
+    offs_t = c * L + tl.arange(0, L)
+    valid = offs_t < S
+    b = tl.load(b_row + offs_t, mask=valid, other=0.0)
+    m = tl.load(m_row + offs_t, mask=valid, other=0.0)
+    ig = tl.load(ig_row + offs_t * stride_is, mask=valid, other=float("-inf")).to(tl.float32)
+    m_prev = tl.load(m_row + c * L - 1, mask=c > 0, other=float("-inf"))
+    last = tl.minimum(c * L + L, S) - 1
+    b_last = tl.load(b_row + last)
+    m_last = tl.load(m_row + last)
+    return offs_t, valid, b, m, ig, m_prev, b_last, m_last
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_autotune_configs((2, 4, 8), (1, 2)), key=["S", "DH", "L"])
+@triton.jit
+def _fwd_states_kernel(
+    k_ptr, v_ptr, ig_ptr, fg_ptr,
+    b_ptr, m_ptr, cst_ptr, nst_ptr,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ib, stride_ih, stride_is,
+    stride_fb, stride_fh, stride_fs,
+    NH, S, NC,
+    DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr, STORE_GATES: tl.constexpr,
+    OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    k_base = k_ptr + i_b * stride_kb + i_h * stride_kh
+    v_base = v_ptr + i_b * stride_vb + i_h * stride_vh
+    ig_base = ig_ptr + i_b * stride_ib + i_h * stride_ih
+    fg_base = fg_ptr + i_b * stride_fb + i_h * stride_fh
+    gate_row = pid_bh.to(tl.int64) * S
+    cst_base = cst_ptr + pid_bh.to(tl.int64) * NC * DH * DH
+    nst_base = nst_ptr + pid_bh.to(tl.int64) * NC * DH
+
+    offs_l = tl.arange(0, L)
+    offs_k = pid_k * BD + tl.arange(0, BD)
+    offs_v = pid_v * BD + tl.arange(0, BD)
+    # Every program recomputes the (cheap) gate scans; one of them writes b and m.
+    writes_gates = STORE_GATES & (pid_k == 0) & (pid_v == 0)
+    writes_nst = pid_v == 0
+
+    cst = tl.zeros([BD, BD], dtype=tl.float32)
+    nst = tl.zeros([BD], dtype=tl.float32)
+    m_prev = tl.full([], float("-inf"), tl.float64)
+    for c in range(NC):
+        offs_t = c * L + offs_l
+        valid = offs_t < S
+        # Gate prefix math in float64: b is rounded to float32 once, m is exact to float32.
+        fg = tl.load(fg_base + offs_t * stride_fs, mask=valid, other=0.0).to(tl.float64)
+        ig = tl.load(ig_base + offs_t * stride_is, mask=valid, other=float("-inf")).to(tl.float64)
+        log_f = tl.where(valid, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)
+        b = tl.cumsum(log_f, 0)
+        # m_i = b_i + max(m_prev, max_{j<=i} (ig_j - b_j)); padding (log f = 0, ig = -inf) repeats
+        # the last real token, so position L-1 always holds the chunk's last b and m.
+        m = b + tl.maximum(tl.associative_scan(ig - b, 0, _max_combine), m_prev)
+        b_last = tl.sum(tl.where(offs_l == L - 1, b, 0.0))
+        m_last = tl.sum(tl.where(offs_l == L - 1, m, 0.0))
+        tl.store(b_ptr + gate_row + offs_t, b.to(tl.float32), mask=valid & writes_gates)
+        tl.store(m_ptr + gate_row + offs_t, m.to(tl.float32), mask=valid & writes_gates)
+
+        # State at the start of chunk c.
+        c_ptrs = cst_base + c * DH * DH + offs_k[:, None] * DH + offs_v[None, :]
+        tl.store(c_ptrs, cst.to(cst_ptr.dtype.element_ty))
+        tl.store(nst_base + c * DH + offs_k, nst, mask=(offs_k < DH) & writes_nst)
+
+        # Carry the state to the end of chunk c, stabilized by m_last.
+        decay = tl.exp(b_last + m_prev - m_last).to(tl.float32)
+        w = tl.exp(b_last - b + ig - m_last).to(tl.float32)  # 0 on padding (ig = -inf)
+        k_c = tl.load(
+            k_base + offs_t[:, None] * stride_ks + offs_k[None, :] * stride_kd,
+            mask=valid[:, None], other=0.0,
+        )
+        v_c = tl.load(
+            v_base + offs_t[:, None] * stride_vs + offs_v[None, :] * stride_vd,
+            mask=valid[:, None], other=0.0,
+        )
+        kw = k_c.to(tl.float32) * w[:, None]
+        cst = _dot(tl.trans(kw), v_c, cst * decay, OP_DTYPE, DOT_DTYPE, PRECISION)
+        nst = nst * decay + tl.sum(kw, 0)
+        m_prev = m_last
+
+
+@triton.autotune(configs=_autotune_configs((4, 8), (1, 2, 3)), key=["S", "DH", "L"])
+@triton.jit
+def _fwd_output_kernel(
+    q_ptr, k_ptr, v_ptr, ig_ptr,
+    b_ptr, m_ptr, cst_ptr, nst_ptr, h_ptr, den_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_hb, stride_hh, stride_hs, stride_hd,
+    stride_ib, stride_ih, stride_is,
+    NH, S, NC, scale, eps,
+    DH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
+    k_base = k_ptr + i_b * stride_kb + i_h * stride_kh
+    v_base = v_ptr + i_b * stride_vb + i_h * stride_vh
+    h_base = h_ptr + i_b * stride_hb + i_h * stride_hh
+    gate_row = pid_bh.to(tl.int64) * S
+    cst_base = cst_ptr + (pid_bh.to(tl.int64) * NC + c) * DH * DH
+    nst_base = nst_ptr + (pid_bh.to(tl.int64) * NC + c) * DH
+
+    offs_t, valid, b, m, ig, m_prev, _, _ = _load_chunk_gates(
+        b_ptr + gate_row, m_ptr + gate_row, ig_ptr + i_b * stride_ib + i_h * stride_ih,
+        stride_is, c, S, L,
+    )
+    offs_l = tl.arange(0, L)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+
+    scores = tl.zeros([L, L], dtype=tl.float32)
+    q_cst = tl.zeros([L, BV], dtype=tl.float32)
+    q_nst = tl.zeros([L], dtype=tl.float32)
+    for u in range(0, DH, BK):
+        offs_u = u + tl.arange(0, BK)
+        q_u = tl.load(
+            q_base + offs_t[:, None] * stride_qs + offs_u[None, :] * stride_qd,
+            mask=valid[:, None], other=0.0,
+        )
+        k_u = tl.load(
+            k_base + offs_t[:, None] * stride_ks + offs_u[None, :] * stride_kd,
+            mask=valid[:, None], other=0.0,
+        )
+        cst_u = tl.load(cst_base + offs_u[:, None] * DH + offs_v[None, :])
+        nst_u = tl.load(nst_base + offs_u)
+        scores = _dot(q_u, tl.trans(k_u), scores, OP_DTYPE, DOT_DTYPE, PRECISION)
+        q_cst = _dot(q_u, cst_u, q_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
+        q_nst += tl.sum(q_u.to(tl.float32) * nst_u[None, :], 1)
+
+    # Weight of the carried state for each row and the intra-chunk decay matrix, both <= 1.
+    a = tl.where(valid, tl.exp(b + m_prev - m), 0.0)
+    causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
+    decay = _intra_decay(b, ig, m, causal)
+    p = scores * scale * decay
+
+    den = scale * a * q_nst + tl.sum(p, 1)
+    v_c = tl.load(
+        v_base + offs_t[:, None] * stride_vs + offs_v[None, :] * stride_vd,
+        mask=valid[:, None], other=0.0,
+    )
+    num = _dot(p, v_c, q_cst * (scale * a)[:, None], OP_DTYPE, DOT_DTYPE, PRECISION)
+    norm = tl.maximum(tl.abs(den), tl.exp(-m)) + eps
+    h = num / norm[:, None]
+    tl.store(
+        h_base + offs_t[:, None] * stride_hs + offs_v[None, :] * stride_hd,
+        h.to(h_ptr.dtype.element_ty), mask=valid[:, None],
+    )
+    tl.store(den_ptr + gate_row + offs_t, den, mask=valid & (pid_v == 0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_prep_kernel(
+    dh_ptr, h_ptr, den_ptr, m_ptr, inv_norm_ptr, dden_ptr, rowsum_ptr,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    stride_hb, stride_hh, stride_hs, stride_hd,
+    NH, S, eps,
+    DH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    """Per token: 1/norm, the gradient of the normalizer's ``den`` argument and
+    rowsum_i = sum_j dC_ij C_ij = dh_i . h_i + dden_i den_i (the row part of the gate gradient)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    dh_base = dh_ptr + i_b * stride_db + i_h * stride_dh
+    h_base = h_ptr + i_b * stride_hb + i_h * stride_hh
+    gate_row = pid_bh.to(tl.int64) * S
+
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    valid = offs_t < S
+    dh_dot_h = tl.zeros([BT], dtype=tl.float32)
+    for u in range(0, DH, BD):
+        offs_u = u + tl.arange(0, BD)
+        dh_u = tl.load(
+            dh_base + offs_t[:, None] * stride_ds + offs_u[None, :] * stride_dd,
+            mask=valid[:, None], other=0.0,
+        )
+        h_u = tl.load(
+            h_base + offs_t[:, None] * stride_hs + offs_u[None, :] * stride_hd,
+            mask=valid[:, None], other=0.0,
+        )
+        dh_dot_h += tl.sum(dh_u.to(tl.float32) * h_u.to(tl.float32), 1)
+
+    den = tl.load(den_ptr + gate_row + offs_t, mask=valid, other=0.0)
+    m = tl.load(m_ptr + gate_row + offs_t, mask=valid, other=0.0)
+    floor = tl.exp(-m)
+    norm = tl.maximum(tl.abs(den), floor) + eps
+    dnorm = -dh_dot_h / norm
+    dden = tl.where(tl.abs(den) > floor, tl.where(den > 0, dnorm, -dnorm), 0.0)
+    tl.store(inv_norm_ptr + gate_row + offs_t, 1.0 / norm, mask=valid)
+    tl.store(dden_ptr + gate_row + offs_t, dden, mask=valid)
+    tl.store(rowsum_ptr + gate_row + offs_t, dh_dot_h + dden * den, mask=valid)
+
+
+@triton.autotune(configs=_autotune_configs((2, 4, 8), (1, 2)), key=["S", "DH", "L"])
+@triton.jit
+def _bwd_states_kernel(
+    q_ptr, dh_ptr, ig_ptr,
+    b_ptr, m_ptr, inv_norm_ptr, dden_ptr, dcst_ptr, dnst_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    stride_ib, stride_ih, stride_is,
+    NH, S, NC, scale,
+    DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr,
+    OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Reverse walk: writes at slot c the gradient w.r.t. the state at the END of chunk c."""
+    pid_k = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
+    dh_base = dh_ptr + i_b * stride_db + i_h * stride_dh
+    ig_base = ig_ptr + i_b * stride_ib + i_h * stride_ih
+    gate_row = pid_bh.to(tl.int64) * S
+    dcst_base = dcst_ptr + pid_bh.to(tl.int64) * NC * DH * DH
+    dnst_base = dnst_ptr + pid_bh.to(tl.int64) * NC * DH
+
+    offs_k = pid_k * BD + tl.arange(0, BD)
+    offs_v = pid_v * BD + tl.arange(0, BD)
+    writes_dnst = pid_v == 0
+
+    dcst = tl.zeros([BD, BD], dtype=tl.float32)
+    dnst = tl.zeros([BD], dtype=tl.float32)
+    for i in range(NC):
+        c = NC - 1 - i
+        c_ptrs = dcst_base + c * DH * DH + offs_k[:, None] * DH + offs_v[None, :]
+        tl.store(c_ptrs, dcst.to(dcst_ptr.dtype.element_ty))
+        tl.store(dnst_base + c * DH + offs_k, dnst, mask=(offs_k < DH) & writes_dnst)
+
+        offs_t, valid, b, m, ig, m_prev, b_last, m_last = _load_chunk_gates(
+            b_ptr + gate_row, m_ptr + gate_row, ig_base, stride_is, c, S, L
+        )
+        inv_norm = tl.load(inv_norm_ptr + gate_row + offs_t, mask=valid, other=0.0)
+        dden = tl.load(dden_ptr + gate_row + offs_t, mask=valid, other=0.0)
+        # Chunk c reads the state at its start with weight a_i; that state decays by `decay`
+        # on its way to the end of chunk c.
+        a = tl.where(valid, tl.exp(b + m_prev - m), 0.0)
+        decay = tl.exp(b_last + m_prev - m_last)
+        q_c = tl.load(
+            q_base + offs_t[:, None] * stride_qs + offs_k[None, :] * stride_qd,
+            mask=valid[:, None], other=0.0,
+        )
+        dh_c = tl.load(
+            dh_base + offs_t[:, None] * stride_ds + offs_v[None, :] * stride_dd,
+            mask=valid[:, None], other=0.0,
+        )
+        qa = q_c.to(tl.float32) * (scale * a)[:, None]
+        dnum = dh_c.to(tl.float32) * inv_norm[:, None]
+        dcst = _dot(tl.trans(qa), dnum, dcst * decay, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dnst = dnst * decay + tl.sum(qa * dden[:, None], 0)
+
+
+@triton.autotune(configs=_autotune_configs((4, 8), (1, 2)), key=["S", "DH", "L"])
+@triton.jit
+def _bwd_grads_kernel(
+    q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr,
+    b_ptr, m_ptr, inv_norm_ptr, dden_ptr,
+    cst_ptr, nst_ptr, dcst_ptr, dnst_ptr,
+    dq_ptr, dk_ptr, dv_ptr, colsum_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    stride_ib, stride_ih, stride_is,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    NH, S, NC, BH, scale,
+    DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr,
+    OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq, dk, dv of DH tile ``pid_t`` for the tokens of chunk ``c``.
+
+    Also writes this tile's share of the column sums colsum_j = sum_i dC_ij C_ij
+    = v_j . dv_j + sum_i C_ij dden_i (the input-gate gradient); tile 0 adds the second term.
+    dq, dk and dv live in the same DH tiling as q, k, v, so tile t serves as k-tile and v-tile.
+    """
+    pid_t = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
+    k_base = k_ptr + i_b * stride_kb + i_h * stride_kh
+    v_base = v_ptr + i_b * stride_vb + i_h * stride_vh
+    dh_base = dh_ptr + i_b * stride_db + i_h * stride_dh
+    dq_base = dq_ptr + i_b * stride_dqb + i_h * stride_dqh
+    dk_base = dk_ptr + i_b * stride_dkb + i_h * stride_dkh
+    dv_base = dv_ptr + i_b * stride_dvb + i_h * stride_dvh
+    gate_row = pid_bh.to(tl.int64) * S
+    state_off = (pid_bh.to(tl.int64) * NC + c) * DH * DH
+    vec_off = (pid_bh.to(tl.int64) * NC + c) * DH
+
+    offs_t, valid, b, m, ig, m_prev, b_last, m_last = _load_chunk_gates(
+        b_ptr + gate_row, m_ptr + gate_row, ig_ptr + i_b * stride_ib + i_h * stride_ih,
+        stride_is, c, S, L,
+    )
+    inv_norm = tl.load(inv_norm_ptr + gate_row + offs_t, mask=valid, other=0.0)
+    dden = tl.load(dden_ptr + gate_row + offs_t, mask=valid, other=0.0)
+    offs_l = tl.arange(0, L)
+    offs_d = pid_t * BD + tl.arange(0, BD)
+
+    scores = tl.zeros([L, L], dtype=tl.float32)  # q_i . k_j
+    dnum_v = tl.zeros([L, L], dtype=tl.float32)  # dnum_i . v_j
+    dq_state = tl.zeros([L, BD], dtype=tl.float32)  # (Cst dnum_i)[tile]
+    dk_state = tl.zeros([L, BD], dtype=tl.float32)  # (dCst v_j)[tile]
+    dv_state = tl.zeros([L, BD], dtype=tl.float32)  # (dCst^T k_j)[tile]
+    k_dnst = tl.zeros([L], dtype=tl.float32)  # k_j . dnst
+    for u in range(0, DH, BD):
+        offs_u = u + tl.arange(0, BD)
+        q_u = tl.load(
+            q_base + offs_t[:, None] * stride_qs + offs_u[None, :] * stride_qd,
+            mask=valid[:, None], other=0.0,
+        )
+        k_u = tl.load(
+            k_base + offs_t[:, None] * stride_ks + offs_u[None, :] * stride_kd,
+            mask=valid[:, None], other=0.0,
+        )
+        v_u = tl.load(
+            v_base + offs_t[:, None] * stride_vs + offs_u[None, :] * stride_vd,
+            mask=valid[:, None], other=0.0,
+        )
+        dh_u = tl.load(
+            dh_base + offs_t[:, None] * stride_ds + offs_u[None, :] * stride_dd,
+            mask=valid[:, None], other=0.0,
+        )
+        dnum_u = dh_u.to(tl.float32) * inv_norm[:, None]
+        cst_du = tl.load(cst_ptr + state_off + offs_d[:, None] * DH + offs_u[None, :])
+        dcst_du = tl.load(dcst_ptr + state_off + offs_d[:, None] * DH + offs_u[None, :])
+        dcst_ud = tl.load(dcst_ptr + state_off + offs_u[:, None] * DH + offs_d[None, :])
+        dnst_u = tl.load(dnst_ptr + vec_off + offs_u)
+        scores = _dot(q_u, tl.trans(k_u), scores, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dnum_v = _dot(dnum_u, tl.trans(v_u), dnum_v, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dq_state = _dot(dnum_u, tl.trans(cst_du), dq_state, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dk_state = _dot(v_u, tl.trans(dcst_du), dk_state, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dv_state = _dot(k_u, dcst_ud, dv_state, OP_DTYPE, DOT_DTYPE, PRECISION)
+        k_dnst += tl.sum(k_u.to(tl.float32) * dnst_u[None, :], 1)
+
+    # a_i: weight of the state read by row i; w_j: weight of key j in the state after this chunk.
+    a = tl.where(valid, tl.exp(b + m_prev - m), 0.0)
+    w = tl.where(valid, tl.exp(b_last - b + ig - m_last), 0.0)
+    causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
+    decay = _intra_decay(b, ig, m, causal)
+    cmat = scores * scale * decay
+    dcmat = dnum_v + dden[:, None]
+    dscores = dcmat * decay * scale
+
+    q_t = tl.load(
+        q_base + offs_t[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+        mask=valid[:, None], other=0.0,
+    )
+    k_t = tl.load(
+        k_base + offs_t[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+        mask=valid[:, None], other=0.0,
+    )
+    v_t = tl.load(
+        v_base + offs_t[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        mask=valid[:, None], other=0.0,
+    )
+    dh_t = tl.load(
+        dh_base + offs_t[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+        mask=valid[:, None], other=0.0,
+    )
+    dnum_t = dh_t.to(tl.float32) * inv_norm[:, None]
+    nst_t = tl.load(nst_ptr + vec_off + offs_d)
+    dnst_t = tl.load(dnst_ptr + vec_off + offs_d)
+
+    dq = (scale * a)[:, None] * (dq_state + dden[:, None] * nst_t[None, :])
+    dq = _dot(dscores, k_t, dq, OP_DTYPE, DOT_DTYPE, PRECISION)
+    dk = w[:, None] * (dk_state + dnst_t[None, :])
+    dk = _dot(tl.trans(dscores), q_t, dk, OP_DTYPE, DOT_DTYPE, PRECISION)
+    dv = w[:, None] * dv_state
+    dv = _dot(tl.trans(cmat), dnum_t, dv, OP_DTYPE, DOT_DTYPE, PRECISION)
+
+    colsum = tl.sum(v_t.to(tl.float32) * dv, 1)
+    den_colsum = tl.sum(cmat * dden[:, None], 0) + w * k_dnst
+    colsum += tl.where(pid_t == 0, den_colsum, 0.0)
+
+    tl.store(
+        dq_base + offs_t[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+        dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None],
+    )
+    tl.store(
+        dk_base + offs_t[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+        dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None],
+    )
+    tl.store(
+        dv_base + offs_t[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+        dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None],
+    )
+    tl.store(colsum_ptr + (pid_t * BH + pid_bh).to(tl.int64) * S + offs_t, colsum, mask=valid)
+
+
+@triton.jit
+def _bwd_gates_kernel(
+    fg_ptr, rowsum_ptr, colsum_ptr, dig_ptr, dfg_ptr,
+    stride_fb, stride_fh, stride_fs,
+    stride_ib, stride_ih, stride_is,
+    stride_gb, stride_gh, stride_gs,
+    stride_xb, stride_xh, stride_xs,
+    NH, S, BH, NT,
+    BT: tl.constexpr,
+):
+    """d igate_j = colsum_j;  dF_t = rowsum_t - colsum_t;  d logf_l = sum_{t>=l} dF_t;
+    d fgate = d logf * sigmoid(-fgate).  Walks the sequence backwards carrying the suffix sum."""
+    pid_bh = tl.program_id(0)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    fg_base = fg_ptr + i_b * stride_fb + i_h * stride_fh
+    dig_base = dig_ptr + i_b * stride_gb + i_h * stride_gh
+    dfg_base = dfg_ptr + i_b * stride_xb + i_h * stride_xh
+    gate_row = pid_bh.to(tl.int64) * S
+
+    n_blocks = tl.cdiv(S, BT)
+    carry = tl.zeros([], dtype=tl.float64)
+    for i in range(n_blocks):
+        offs_t = (n_blocks - 1 - i) * BT + tl.arange(0, BT)
+        valid = offs_t < S
+        colsum = tl.zeros([BT], dtype=tl.float32)
+        for t in range(NT):
+            colsum += tl.load(
+                colsum_ptr + t * BH * S + gate_row + offs_t, mask=valid, other=0.0
+            )
+        rowsum = tl.load(rowsum_ptr + gate_row + offs_t, mask=valid, other=0.0)
+        dlogF = (rowsum - colsum).to(tl.float64)
+        # The dF_t sum to zero over the sequence, so the suffix sums cancel heavily: use float64.
+        dlogf = tl.cumsum(dlogF, 0, reverse=True) + carry
+        carry += tl.sum(dlogF, 0)
+        fg = tl.load(fg_base + offs_t * stride_fs, mask=valid, other=0.0).to(tl.float32)
+        dfg = dlogf.to(tl.float32) / (1.0 + tl.exp(fg))
+        tl.store(dig_base + offs_t * stride_gs, colsum.to(dig_ptr.dtype.element_ty), mask=valid)
+        tl.store(dfg_base + offs_t * stride_xs, dfg.to(dfg_ptr.dtype.element_ty), mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------
+
+
+def _chunk_len(chunk_size: int, S: int) -> int:
+    # tl.dot needs >= 16 rows; short sequences use the smallest chunk that covers them.
+    return min(chunk_size, max(16, triton.next_power_of_2(S)))
+
+
+def _pow2_block(DH: int, cap: int) -> int:
+    # Largest power of two dividing DH (so DH tiles without padding), at most `cap`.
+    return min(cap, DH & -DH)
+
+
+def _dot_config(dtype: torch.dtype) -> dict:
+    op = _TL_DTYPES[dtype]
+    return dict(
+        OP_DTYPE=op,
+        DOT_DTYPE=tl.float32 if _INTERPRET else op,
+        # fp32 inputs need true fp32 products; tf32 would lose ~3 digits.
+        PRECISION="ieee" if dtype == torch.float32 else None,
+    )
+
+
+def _strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _launch_states(k, v, igate, fgate, b, m, L, store_gates):
+    B, NH, S, DH = k.shape
+    NC = triton.cdiv(S, L)
+    BD = _pow2_block(DH, 64)
+    cst = torch.empty(B * NH, NC, DH, DH, device=k.device, dtype=k.dtype)
+    nst = torch.empty(B * NH, NC, DH, device=k.device, dtype=torch.float32)
+    wrap_triton(_fwd_states_kernel)[(DH // BD, DH // BD, B * NH)](
+        k, v, igate, fgate, b, m, cst, nst,
+        *_strides4(k), *_strides4(v), *_strides3(igate), *_strides3(fgate),
+        NH, S, NC,
+        DH=DH, L=L, BD=BD, STORE_GATES=store_gates, **_dot_config(k.dtype),
+    )
+    return cst, nst
+
+
+@triton_op("vil::mlstm_chunkwise_fwd", mutates_args={})
+def _mlstm_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
+    chunk_size: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns h and, for the backward pass, the per-token chunk-local log-forget cumsum b,
+    the stabilizer m and the normalizer argument den (each float32, (B*NH, S))."""
+    B, NH, S, DH = q.shape
+    L = _chunk_len(chunk_size, S)
+    NC = triton.cdiv(S, L)
+    b = torch.empty(B * NH, S, device=q.device, dtype=torch.float32)
+    m = torch.empty_like(b)
+    den = torch.empty_like(b)
+    h = torch.empty_like(v)
+    cst, nst = _launch_states(k, v, igate, fgate, b, m, L, store_gates=True)
+
+    BK, BV = _pow2_block(DH, 64), _pow2_block(DH, 128)
+    wrap_triton(_fwd_output_kernel)[(DH // BV, NC, B * NH)](
+        q, k, v, igate, b, m, cst, nst, h, den,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(h), *_strides3(igate),
+        NH, S, NC, 1.0 / math.sqrt(DH), eps,
+        DH=DH, L=L, BK=BK, BV=BV, **_dot_config(q.dtype),
+    )
+    return h, b, m, den
+
+
+@triton_op("vil::mlstm_chunkwise_bwd", mutates_args={})
+def _mlstm_bwd(
+    dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    igate: torch.Tensor, fgate: torch.Tensor, h: torch.Tensor,
+    b: torch.Tensor, m: torch.Tensor, den: torch.Tensor,
+    chunk_size: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, NH, S, DH = q.shape
+    BH = B * NH
+    L = _chunk_len(chunk_size, S)
+    NC = triton.cdiv(S, L)
+    BD = _pow2_block(DH, 64)
+    NT = DH // BD
+    scale = 1.0 / math.sqrt(DH)
+    dots = _dot_config(q.dtype)
+
+    inv_norm = torch.empty_like(b)
+    dden = torch.empty_like(b)
+    rowsum = torch.empty_like(b)
+    BT = 64
+    wrap_triton(_bwd_prep_kernel)[(triton.cdiv(S, BT), BH)](
+        dh, h, den, m, inv_norm, dden, rowsum,
+        *_strides4(dh), *_strides4(h),
+        NH, S, eps,
+        DH=DH, BT=BT, BD=BD,
+    )
+
+    cst, nst = _launch_states(k, v, igate, fgate, b, m, L, store_gates=False)
+    dcst = torch.empty_like(cst)
+    dnst = torch.empty_like(nst)
+    wrap_triton(_bwd_states_kernel)[(NT, NT, BH)](
+        q, dh, igate, b, m, inv_norm, dden, dcst, dnst,
+        *_strides4(q), *_strides4(dh), *_strides3(igate),
+        NH, S, NC, scale,
+        DH=DH, L=L, BD=BD, **dots,
+    )
+
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    colsum = torch.empty(NT, BH, S, device=q.device, dtype=torch.float32)
+    wrap_triton(_bwd_grads_kernel)[(NT, NC, BH)](
+        q, k, v, dh, igate, b, m, inv_norm, dden, cst, nst, dcst, dnst,
+        dq, dk, dv, colsum,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh), *_strides3(igate),
+        *_strides4(dq), *_strides4(dk), *_strides4(dv),
+        NH, S, NC, BH, scale,
+        DH=DH, L=L, BD=BD, **dots,
+    )
+
+    dig = torch.empty_like(igate)
+    dfg = torch.empty_like(fgate)
+    wrap_triton(_bwd_gates_kernel)[(BH,)](
+        fgate, rowsum, colsum, dig, dfg,
+        *_strides3(fgate), *_strides3(igate), *_strides3(dig), *_strides3(dfg),
+        NH, S, BH, NT,
+        BT=min(1024, max(16, triton.next_power_of_2(S))),
+    )
+    return dq, dk, dv, dig, dfg
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, igate, fgate, chunk_size, eps = inputs
+    h, b, m, den = output
+    ctx.save_for_backward(q, k, v, igate, fgate, h, b, m, den)
+    ctx.chunk_size = chunk_size
+    ctx.eps = eps
+
+
+def _backward(ctx, dh, _db, _dm, _dden):
+    q, k, v, igate, fgate, h, b, m, den = ctx.saved_tensors
+    dq, dk, dv, dig, dfg = _mlstm_bwd(dh, q, k, v, igate, fgate, h, b, m, den, ctx.chunk_size, ctx.eps)
+    return dq, dk, dv, dig, dfg, None, None
+
+
+_mlstm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mlstm_chunkwise_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    igate: torch.Tensor,
+    fgate: torch.Tensor,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """mLSTM cell, chunkwise-parallel in Triton; differentiable w.r.t. all five inputs.
+
+    q, k, v: (B, NH, S, DH), one of fp32/bf16/fp16, any strides (e.g. a transposed view);
+    DH must be a multiple of 16. igate, fgate: (B, NH, S) gate pre-activations, any float dtype.
+    chunk_size: a power of two >= 16; S need not be a multiple of it.
+    Returns h: (B, NH, S, DH) in v's dtype.
+    """
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share a (B, NH, S, DH) shape, got {q.shape}, {k.shape}, {v.shape}")
+    if igate.shape != q.shape[:3] or fgate.shape != q.shape[:3]:
+        raise ValueError(f"igate and fgate must have shape {tuple(q.shape[:3])}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _TL_DTYPES:
+        raise TypeError(f"q, k, v must share one of {list(_TL_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (igate.is_floating_point() and fgate.is_floating_point()):
+        raise TypeError("igate and fgate must be floating point")
+    if q.shape[3] % 16 != 0:
+        raise ValueError(f"head dim must be a multiple of 16, got {q.shape[3]}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    if q.shape[2] == 0:
+        return torch.empty_like(v)
+    h, _, _, _ = _mlstm_fwd(q, k, v, igate, fgate, chunk_size, eps)
+    return h
