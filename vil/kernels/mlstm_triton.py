@@ -46,6 +46,10 @@ _INTERPRET = bool(triton.knobs.runtime.interpret)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
+# The CPU interpreter truncates float32 -> bfloat16; GPUs round to nearest even. Emulating the GPU
+# rounding keeps interpreter runs representative of GPU accuracy.
+_EMULATE_BF16_RNE = tl.constexpr(_INTERPRET)
+
 
 def _autotune_configs(warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
     if _INTERPRET:  # every config would run the (slow) interpreter once per call signature
@@ -64,40 +68,69 @@ def _max_combine(a, b):
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr):
+    if _EMULATE_BF16_RNE and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _dot(a, b, acc, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # Operands are rounded to the input dtype (bf16/fp16/fp32) as on the GPU. DOT_DTYPE differs from
     # OP_DTYPE only under the CPU interpreter, whose half-precision tl.dot is unreliable.
     return tl.dot(
-        a.to(OP_DTYPE).to(DOT_DTYPE), b.to(OP_DTYPE).to(DOT_DTYPE), acc, input_precision=PRECISION
+        _cast(a, OP_DTYPE).to(DOT_DTYPE), _cast(b, OP_DTYPE).to(DOT_DTYPE), acc,
+        input_precision=PRECISION,
     )
 
 
 @triton.jit
-def _intra_decay(b, ig, m, causal):
-    # exp(b_i - b_j + ig_j - m_i) for j <= i. The exponent is <= 0 there up to rounding; above the
-    # diagonal it can be large, so it is clamped before exp to keep inf out of later products.
-    log_decay = b[:, None] - b[None, :] + ig[None, :] - m[:, None]
+def _intra_decay(b_hi, b_lo, ig, m, causal):
+    # exp(b_i - b_j + ig_j - m_i) for j <= i. b = b_hi + b_lo: the difference of the large b_hi
+    # parts is (nearly) exact, so the exponent stays accurate when |b| is large but b_i - b_j small.
+    # The exponent is <= 0 up to rounding for j <= i; above the diagonal it can be large, so it is
+    # clamped before exp to keep inf out of later products.
+    log_decay = (b_hi[:, None] - b_hi[None, :]) + (b_lo[:, None] - b_lo[None, :])
+    log_decay += ig[None, :] - m[:, None]
     return tl.where(causal, tl.exp(tl.minimum(log_decay, 0.0)), 0.0)
 
 
 @triton.jit
-def _load_chunk_gates(b_row, m_row, ig_row, stride_is, c, S, L: tl.constexpr):
-    """Per-token gate quantities of chunk ``c`` and its boundary stabilizers.
+def _load_chunk_gates(gate_ptr, gate_row, BHS, ig_row, stride_is, c, S, L: tl.constexpr):
+    """Per-token gate quantities of chunk ``c``.
 
-    Returns token offsets, validity mask, chunk-local log-forget cumsum ``b``, stabilizer ``m``,
-    input gate ``ig`` (-inf on padding, so padded keys get zero weight), ``m_prev`` (m at the last
-    token of the previous chunk, -inf for the first chunk), and ``b``/``m`` at the chunk's last token.
+    ``gate_ptr`` holds three (BH, S) float32 planes: b_hi, b_lo (the chunk-local log-forget cumsum
+    b = b_hi + b_lo) and the stabilizer m. Returns token offsets, validity mask, b_hi, b_lo, m, the
+    input gate (-inf on padding, so padded keys get zero weight), m_prev (m at the last token of
+    the previous chunk, -inf for the first chunk) and b_hi, b_lo, m at the chunk's last token.
     """
+    bh_row = gate_ptr + gate_row
+    bl_row = bh_row + BHS
+    m_row = bl_row + BHS
     offs_t = c * L + tl.arange(0, L)
     valid = offs_t < S
-    b = tl.load(b_row + offs_t, mask=valid, other=0.0)
+    b_hi = tl.load(bh_row + offs_t, mask=valid, other=0.0)
+    b_lo = tl.load(bl_row + offs_t, mask=valid, other=0.0)
     m = tl.load(m_row + offs_t, mask=valid, other=0.0)
     ig = tl.load(ig_row + offs_t * stride_is, mask=valid, other=float("-inf")).to(tl.float32)
     m_prev = tl.load(m_row + c * L - 1, mask=c > 0, other=float("-inf"))
     last = tl.minimum(c * L + L, S) - 1
-    b_last = tl.load(b_row + last)
+    bh_last = tl.load(bh_row + last)
+    bl_last = tl.load(bl_row + last)
     m_last = tl.load(m_row + last)
-    return offs_t, valid, b, m, ig, m_prev, b_last, m_last
+    return offs_t, valid, b_hi, b_lo, m, ig, m_prev, bh_last, bl_last, m_last
+
+
+@triton.jit
+def _state_weights(b_hi, b_lo, m, ig, valid, m_prev, bh_last, bl_last, m_last):
+    """a_i: weight of the chunk-start state in row i's output, w_j: weight of key j in the state at
+    the chunk end, decay: factor from the chunk-start state to the chunk-end state. All <= 1."""
+    a = tl.where(valid, tl.exp((b_hi + (m_prev - m)) + b_lo), 0.0)
+    w = tl.where(valid, tl.exp(((bh_last - b_hi) + (bl_last - b_lo)) + (ig - m_last)), 0.0)
+    decay = tl.exp((bh_last + (m_prev - m_last)) + bl_last)
+    return a, w, decay
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,8 +141,7 @@ def _load_chunk_gates(b_row, m_row, ig_row, stride_is, c, S, L: tl.constexpr):
 @triton.autotune(configs=_autotune_configs((2, 4, 8), (1, 2)), key=["S", "DH", "L"])
 @triton.jit
 def _fwd_states_kernel(
-    k_ptr, v_ptr, ig_ptr, fg_ptr,
-    b_ptr, m_ptr, cst_ptr, nst_ptr,
+    k_ptr, v_ptr, ig_ptr, fg_ptr, gate_ptr, cst_ptr, nst_ptr,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ib, stride_ih, stride_is,
@@ -118,6 +150,11 @@ def _fwd_states_kernel(
     DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr, STORE_GATES: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Walks the chunks in order and writes the (BD x BD tile of the) state at every chunk start.
+
+    Also computes the gate planes (b_hi, b_lo, m) read by all other kernels; with STORE_GATES one
+    program per head writes them.
+    """
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -127,15 +164,15 @@ def _fwd_states_kernel(
     v_base = v_ptr + i_b * stride_vb + i_h * stride_vh
     ig_base = ig_ptr + i_b * stride_ib + i_h * stride_ih
     fg_base = fg_ptr + i_b * stride_fb + i_h * stride_fh
-    gate_row = pid_bh.to(tl.int64) * S
+    BHS = tl.num_programs(2).to(tl.int64) * S
+    bh_row = gate_ptr + pid_bh.to(tl.int64) * S
     cst_base = cst_ptr + pid_bh.to(tl.int64) * NC * DH * DH
     nst_base = nst_ptr + pid_bh.to(tl.int64) * NC * DH
 
     offs_l = tl.arange(0, L)
     offs_k = pid_k * BD + tl.arange(0, BD)
     offs_v = pid_v * BD + tl.arange(0, BD)
-    # Every program recomputes the (cheap) gate scans; one of them writes b and m.
-    writes_gates = STORE_GATES & (pid_k == 0) & (pid_v == 0)
+    writes_gates = (pid_k == 0) & (pid_v == 0) & STORE_GATES
     writes_nst = pid_v == 0
 
     cst = tl.zeros([BD, BD], dtype=tl.float32)
@@ -144,22 +181,26 @@ def _fwd_states_kernel(
     for c in range(NC):
         offs_t = c * L + offs_l
         valid = offs_t < S
-        # Gate prefix math in float64: b is rounded to float32 once, m is exact to float32.
+        # Gate prefix math in float64: cheap (L values per chunk) and exact to float32 afterwards.
         fg = tl.load(fg_base + offs_t * stride_fs, mask=valid, other=0.0).to(tl.float64)
         ig = tl.load(ig_base + offs_t * stride_is, mask=valid, other=float("-inf")).to(tl.float64)
         log_f = tl.where(valid, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)
         b = tl.cumsum(log_f, 0)
-        # m_i = b_i + max(m_prev, max_{j<=i} (ig_j - b_j)); padding (log f = 0, ig = -inf) repeats
-        # the last real token, so position L-1 always holds the chunk's last b and m.
+        # m_i = b_i + max(m_prev, max_{j<=i} (ig_j - b_j)). Padding (log f = 0, ig = -inf) repeats
+        # the last real token, so position L-1 holds the chunk's last b and m.
         m = b + tl.maximum(tl.associative_scan(ig - b, 0, _max_combine), m_prev)
         b_last = tl.sum(tl.where(offs_l == L - 1, b, 0.0))
         m_last = tl.sum(tl.where(offs_l == L - 1, m, 0.0))
-        tl.store(b_ptr + gate_row + offs_t, b.to(tl.float32), mask=valid & writes_gates)
-        tl.store(m_ptr + gate_row + offs_t, m.to(tl.float32), mask=valid & writes_gates)
+        if STORE_GATES:
+            b_hi = b.to(tl.float32)
+            b_lo = (b - b_hi.to(tl.float64)).to(tl.float32)
+            store = valid & writes_gates
+            tl.store(bh_row + offs_t, b_hi, mask=store)
+            tl.store(bh_row + BHS + offs_t, b_lo, mask=store)
+            tl.store(bh_row + 2 * BHS + offs_t, m.to(tl.float32), mask=store)
 
-        # State at the start of chunk c.
         c_ptrs = cst_base + c * DH * DH + offs_k[:, None] * DH + offs_v[None, :]
-        tl.store(c_ptrs, cst.to(cst_ptr.dtype.element_ty))
+        tl.store(c_ptrs, _cast(cst, cst_ptr.dtype.element_ty))
         tl.store(nst_base + c * DH + offs_k, nst, mask=(offs_k < DH) & writes_nst)
 
         # Carry the state to the end of chunk c, stabilized by m_last.
@@ -182,8 +223,7 @@ def _fwd_states_kernel(
 @triton.autotune(configs=_autotune_configs((4, 8), (1, 2, 3)), key=["S", "DH", "L"])
 @triton.jit
 def _fwd_output_kernel(
-    q_ptr, k_ptr, v_ptr, ig_ptr,
-    b_ptr, m_ptr, cst_ptr, nst_ptr, h_ptr, den_ptr,
+    q_ptr, k_ptr, v_ptr, ig_ptr, gate_ptr, cst_ptr, nst_ptr, h_ptr, den_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -193,6 +233,7 @@ def _fwd_output_kernel(
     DH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Output tile (chunk c, DH columns of tile pid_v); also writes den for the backward pass."""
     pid_v = tl.program_id(0)
     c = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -206,9 +247,9 @@ def _fwd_output_kernel(
     cst_base = cst_ptr + (pid_bh.to(tl.int64) * NC + c) * DH * DH
     nst_base = nst_ptr + (pid_bh.to(tl.int64) * NC + c) * DH
 
-    offs_t, valid, b, m, ig, m_prev, _, _ = _load_chunk_gates(
-        b_ptr + gate_row, m_ptr + gate_row, ig_ptr + i_b * stride_ib + i_h * stride_ih,
-        stride_is, c, S, L,
+    offs_t, valid, b_hi, b_lo, m, ig, m_prev, _, _, _ = _load_chunk_gates(
+        gate_ptr, gate_row, tl.num_programs(2).to(tl.int64) * S,
+        ig_ptr + i_b * stride_ib + i_h * stride_ih, stride_is, c, S, L,
     )
     offs_l = tl.arange(0, L)
     offs_v = pid_v * BV + tl.arange(0, BV)
@@ -232,11 +273,9 @@ def _fwd_output_kernel(
         q_cst = _dot(q_u, cst_u, q_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
         q_nst += tl.sum(q_u.to(tl.float32) * nst_u[None, :], 1)
 
-    # Weight of the carried state for each row and the intra-chunk decay matrix, both <= 1.
-    a = tl.where(valid, tl.exp(b + m_prev - m), 0.0)
+    a = tl.where(valid, tl.exp((b_hi + (m_prev - m)) + b_lo), 0.0)
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
-    decay = _intra_decay(b, ig, m, causal)
-    p = scores * scale * decay
+    p = scores * scale * _intra_decay(b_hi, b_lo, ig, m, causal)
 
     den = scale * a * q_nst + tl.sum(p, 1)
     v_c = tl.load(
@@ -248,26 +287,33 @@ def _fwd_output_kernel(
     h = num / norm[:, None]
     tl.store(
         h_base + offs_t[:, None] * stride_hs + offs_v[None, :] * stride_hd,
-        h.to(h_ptr.dtype.element_ty), mask=valid[:, None],
+        _cast(h, h_ptr.dtype.element_ty), mask=valid[:, None],
     )
     tl.store(den_ptr + gate_row + offs_t, den, mask=valid & (pid_v == 0))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Backward
+#
+# With dnum_i = dh_i / n_i, n_i = max(|den_i|, exp(-m_i)) + eps and dden_i the gradient reaching
+# den_i through n_i, the gradient of C_ij is dC_ij = dnum_i . v_j + dden_i, and that of
+# log D_ij is dC_ij C_ij. The input gate collects column sums of dC * C; F_t (the global log-forget
+# cumsum) collects row sums minus column sums. Both are assembled from float32 pieces: the
+# intra-chunk part directly from dC * C, the inter-chunk parts as q_i . dq_i and k_j . dk_j of the
+# state terms. The diagonal, which dominates both sums for small forget gates, is left out of the
+# row-minus-column difference instead of cancelling numerically.
 # ----------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _bwd_prep_kernel(
-    dh_ptr, h_ptr, den_ptr, m_ptr, inv_norm_ptr, dden_ptr, rowsum_ptr,
+    dh_ptr, h_ptr, den_ptr, gate_ptr, inv_norm_ptr, dden_ptr,
     stride_db, stride_dh, stride_ds, stride_dd,
     stride_hb, stride_hh, stride_hs, stride_hd,
     NH, S, eps,
     DH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
-    """Per token: 1/norm, the gradient of the normalizer's ``den`` argument and
-    rowsum_i = sum_j dC_ij C_ij = dh_i . h_i + dden_i den_i (the row part of the gate gradient)."""
+    """Per token: 1/n and dden = -(dh . h) / n * d|den|/dden where the max picks |den|."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     i_b = (pid_bh // NH).to(tl.int64)
@@ -275,6 +321,7 @@ def _bwd_prep_kernel(
     dh_base = dh_ptr + i_b * stride_db + i_h * stride_dh
     h_base = h_ptr + i_b * stride_hb + i_h * stride_hh
     gate_row = pid_bh.to(tl.int64) * S
+    m_row = gate_ptr + 2 * tl.num_programs(1).to(tl.int64) * S + gate_row
 
     offs_t = pid_t * BT + tl.arange(0, BT)
     valid = offs_t < S
@@ -292,21 +339,19 @@ def _bwd_prep_kernel(
         dh_dot_h += tl.sum(dh_u.to(tl.float32) * h_u.to(tl.float32), 1)
 
     den = tl.load(den_ptr + gate_row + offs_t, mask=valid, other=0.0)
-    m = tl.load(m_ptr + gate_row + offs_t, mask=valid, other=0.0)
+    m = tl.load(m_row + offs_t, mask=valid, other=0.0)
     floor = tl.exp(-m)
     norm = tl.maximum(tl.abs(den), floor) + eps
     dnorm = -dh_dot_h / norm
     dden = tl.where(tl.abs(den) > floor, tl.where(den > 0, dnorm, -dnorm), 0.0)
     tl.store(inv_norm_ptr + gate_row + offs_t, 1.0 / norm, mask=valid)
     tl.store(dden_ptr + gate_row + offs_t, dden, mask=valid)
-    tl.store(rowsum_ptr + gate_row + offs_t, dh_dot_h + dden * den, mask=valid)
 
 
 @triton.autotune(configs=_autotune_configs((2, 4, 8), (1, 2)), key=["S", "DH", "L"])
 @triton.jit
 def _bwd_states_kernel(
-    q_ptr, dh_ptr, ig_ptr,
-    b_ptr, m_ptr, inv_norm_ptr, dden_ptr, dcst_ptr, dnst_ptr,
+    q_ptr, dh_ptr, ig_ptr, gate_ptr, inv_norm_ptr, dden_ptr, dcst_ptr, dnst_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_db, stride_dh, stride_ds, stride_dd,
     stride_ib, stride_ih, stride_is,
@@ -324,6 +369,7 @@ def _bwd_states_kernel(
     dh_base = dh_ptr + i_b * stride_db + i_h * stride_dh
     ig_base = ig_ptr + i_b * stride_ib + i_h * stride_ih
     gate_row = pid_bh.to(tl.int64) * S
+    BHS = tl.num_programs(2).to(tl.int64) * S
     dcst_base = dcst_ptr + pid_bh.to(tl.int64) * NC * DH * DH
     dnst_base = dnst_ptr + pid_bh.to(tl.int64) * NC * DH
 
@@ -336,39 +382,36 @@ def _bwd_states_kernel(
     for i in range(NC):
         c = NC - 1 - i
         c_ptrs = dcst_base + c * DH * DH + offs_k[:, None] * DH + offs_v[None, :]
-        tl.store(c_ptrs, dcst.to(dcst_ptr.dtype.element_ty))
+        tl.store(c_ptrs, _cast(dcst, dcst_ptr.dtype.element_ty))
         tl.store(dnst_base + c * DH + offs_k, dnst, mask=(offs_k < DH) & writes_dnst)
 
-        offs_t, valid, b, m, ig, m_prev, b_last, m_last = _load_chunk_gates(
-            b_ptr + gate_row, m_ptr + gate_row, ig_base, stride_is, c, S, L
+        offs_t, valid, b_hi, b_lo, m, ig, m_prev, bh_last, bl_last, m_last = _load_chunk_gates(
+            gate_ptr, gate_row, BHS, ig_base, stride_is, c, S, L
         )
+        a, _, decay = _state_weights(b_hi, b_lo, m, ig, valid, m_prev, bh_last, bl_last, m_last)
         inv_norm = tl.load(inv_norm_ptr + gate_row + offs_t, mask=valid, other=0.0)
         dden = tl.load(dden_ptr + gate_row + offs_t, mask=valid, other=0.0)
-        # Chunk c reads the state at its start with weight a_i; that state decays by `decay`
-        # on its way to the end of chunk c.
-        a = tl.where(valid, tl.exp(b + m_prev - m), 0.0)
-        decay = tl.exp(b_last + m_prev - m_last)
         q_c = tl.load(
             q_base + offs_t[:, None] * stride_qs + offs_k[None, :] * stride_qd,
             mask=valid[:, None], other=0.0,
-        )
+        ).to(tl.float32)
         dh_c = tl.load(
             dh_base + offs_t[:, None] * stride_ds + offs_v[None, :] * stride_dd,
             mask=valid[:, None], other=0.0,
         )
-        qa = q_c.to(tl.float32) * (scale * a)[:, None]
-        dnum = dh_c.to(tl.float32) * inv_norm[:, None]
-        dcst = _dot(tl.trans(qa), dnum, dcst * decay, OP_DTYPE, DOT_DTYPE, PRECISION)
-        dnst = dnst * decay + tl.sum(qa * dden[:, None], 0)
+        # Row factors go on q so that dh enters the product unrounded.
+        qa = q_c * (scale * a * inv_norm)[:, None]
+        dcst = _dot(tl.trans(qa), dh_c, dcst * decay, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dnst = dnst * decay + tl.sum(q_c * (scale * a * dden)[:, None], 0)
 
 
 @triton.autotune(configs=_autotune_configs((4, 8), (1, 2)), key=["S", "DH", "L"])
 @triton.jit
 def _bwd_grads_kernel(
     q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr,
-    b_ptr, m_ptr, inv_norm_ptr, dden_ptr,
+    gate_ptr, inv_norm_ptr, dden_ptr,
     cst_ptr, nst_ptr, dcst_ptr, dnst_ptr,
-    dq_ptr, dk_ptr, dv_ptr, colsum_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dig_part_ptr, dlogF_part_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -377,15 +420,14 @@ def _bwd_grads_kernel(
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    NH, S, NC, BH, scale,
+    NH, S, NC, scale,
     DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dq, dk, dv of DH tile ``pid_t`` for the tokens of chunk ``c``.
+    """dq, dk, dv of DH tile ``pid_t`` for the tokens of chunk ``c``, plus this tile's share of the
+    per-token gate gradient sums (tile 0 adds the intra-chunk parts).
 
-    Also writes this tile's share of the column sums colsum_j = sum_i dC_ij C_ij
-    = v_j . dv_j + sum_i C_ij dden_i (the input-gate gradient); tile 0 adds the second term.
-    dq, dk and dv live in the same DH tiling as q, k, v, so tile t serves as k-tile and v-tile.
+    The tile index serves as the k-tile of dq, dk and the v-tile of dv (q, k, v share DH).
     """
     pid_t = tl.program_id(0)
     c = tl.program_id(1)
@@ -396,16 +438,13 @@ def _bwd_grads_kernel(
     k_base = k_ptr + i_b * stride_kb + i_h * stride_kh
     v_base = v_ptr + i_b * stride_vb + i_h * stride_vh
     dh_base = dh_ptr + i_b * stride_db + i_h * stride_dh
-    dq_base = dq_ptr + i_b * stride_dqb + i_h * stride_dqh
-    dk_base = dk_ptr + i_b * stride_dkb + i_h * stride_dkh
-    dv_base = dv_ptr + i_b * stride_dvb + i_h * stride_dvh
     gate_row = pid_bh.to(tl.int64) * S
+    BHS = tl.num_programs(2).to(tl.int64) * S
     state_off = (pid_bh.to(tl.int64) * NC + c) * DH * DH
     vec_off = (pid_bh.to(tl.int64) * NC + c) * DH
 
-    offs_t, valid, b, m, ig, m_prev, b_last, m_last = _load_chunk_gates(
-        b_ptr + gate_row, m_ptr + gate_row, ig_ptr + i_b * stride_ib + i_h * stride_ih,
-        stride_is, c, S, L,
+    offs_t, valid, b_hi, b_lo, m, ig, m_prev, bh_last, bl_last, m_last = _load_chunk_gates(
+        gate_ptr, gate_row, BHS, ig_ptr + i_b * stride_ib + i_h * stride_ih, stride_is, c, S, L
     )
     inv_norm = tl.load(inv_norm_ptr + gate_row + offs_t, mask=valid, other=0.0)
     dden = tl.load(dden_ptr + gate_row + offs_t, mask=valid, other=0.0)
@@ -413,10 +452,10 @@ def _bwd_grads_kernel(
     offs_d = pid_t * BD + tl.arange(0, BD)
 
     scores = tl.zeros([L, L], dtype=tl.float32)  # q_i . k_j
-    dnum_v = tl.zeros([L, L], dtype=tl.float32)  # dnum_i . v_j
-    dq_state = tl.zeros([L, BD], dtype=tl.float32)  # (Cst dnum_i)[tile]
-    dk_state = tl.zeros([L, BD], dtype=tl.float32)  # (dCst v_j)[tile]
-    dv_state = tl.zeros([L, BD], dtype=tl.float32)  # (dCst^T k_j)[tile]
+    dh_v = tl.zeros([L, L], dtype=tl.float32)  # dh_i . v_j
+    dh_cst = tl.zeros([L, BD], dtype=tl.float32)  # (Cst dh_i)[tile], Cst = state at chunk start
+    v_dcst = tl.zeros([L, BD], dtype=tl.float32)  # (dCst v_j)[tile], dCst = grad of chunk-end state
+    k_dcst = tl.zeros([L, BD], dtype=tl.float32)  # (dCst^T k_j)[tile]
     k_dnst = tl.zeros([L], dtype=tl.float32)  # k_j . dnst
     for u in range(0, DH, BD):
         offs_u = u + tl.arange(0, BD)
@@ -436,25 +475,22 @@ def _bwd_grads_kernel(
             dh_base + offs_t[:, None] * stride_ds + offs_u[None, :] * stride_dd,
             mask=valid[:, None], other=0.0,
         )
-        dnum_u = dh_u.to(tl.float32) * inv_norm[:, None]
         cst_du = tl.load(cst_ptr + state_off + offs_d[:, None] * DH + offs_u[None, :])
         dcst_du = tl.load(dcst_ptr + state_off + offs_d[:, None] * DH + offs_u[None, :])
         dcst_ud = tl.load(dcst_ptr + state_off + offs_u[:, None] * DH + offs_d[None, :])
         dnst_u = tl.load(dnst_ptr + vec_off + offs_u)
         scores = _dot(q_u, tl.trans(k_u), scores, OP_DTYPE, DOT_DTYPE, PRECISION)
-        dnum_v = _dot(dnum_u, tl.trans(v_u), dnum_v, OP_DTYPE, DOT_DTYPE, PRECISION)
-        dq_state = _dot(dnum_u, tl.trans(cst_du), dq_state, OP_DTYPE, DOT_DTYPE, PRECISION)
-        dk_state = _dot(v_u, tl.trans(dcst_du), dk_state, OP_DTYPE, DOT_DTYPE, PRECISION)
-        dv_state = _dot(k_u, dcst_ud, dv_state, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dh_v = _dot(dh_u, tl.trans(v_u), dh_v, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dh_cst = _dot(dh_u, tl.trans(cst_du), dh_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
+        v_dcst = _dot(v_u, tl.trans(dcst_du), v_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
+        k_dcst = _dot(k_u, dcst_ud, k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
         k_dnst += tl.sum(k_u.to(tl.float32) * dnst_u[None, :], 1)
 
-    # a_i: weight of the state read by row i; w_j: weight of key j in the state after this chunk.
-    a = tl.where(valid, tl.exp(b + m_prev - m), 0.0)
-    w = tl.where(valid, tl.exp(b_last - b + ig - m_last), 0.0)
+    a, w, _ = _state_weights(b_hi, b_lo, m, ig, valid, m_prev, bh_last, bl_last, m_last)
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
-    decay = _intra_decay(b, ig, m, causal)
+    decay = _intra_decay(b_hi, b_lo, ig, m, causal)
     cmat = scores * scale * decay
-    dcmat = dnum_v + dden[:, None]
+    dcmat = dh_v * inv_norm[:, None] + dden[:, None]
     dscores = dcmat * decay * scale
 
     q_t = tl.load(
@@ -465,56 +501,61 @@ def _bwd_grads_kernel(
         k_base + offs_t[:, None] * stride_ks + offs_d[None, :] * stride_kd,
         mask=valid[:, None], other=0.0,
     )
-    v_t = tl.load(
-        v_base + offs_t[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-        mask=valid[:, None], other=0.0,
-    )
     dh_t = tl.load(
         dh_base + offs_t[:, None] * stride_ds + offs_d[None, :] * stride_dd,
         mask=valid[:, None], other=0.0,
     )
-    dnum_t = dh_t.to(tl.float32) * inv_norm[:, None]
     nst_t = tl.load(nst_ptr + vec_off + offs_d)
     dnst_t = tl.load(dnst_ptr + vec_off + offs_d)
 
-    dq = (scale * a)[:, None] * (dq_state + dden[:, None] * nst_t[None, :])
-    dq = _dot(dscores, k_t, dq, OP_DTYPE, DOT_DTYPE, PRECISION)
-    dk = w[:, None] * (dk_state + dnst_t[None, :])
-    dk = _dot(tl.trans(dscores), q_t, dk, OP_DTYPE, DOT_DTYPE, PRECISION)
-    dv = w[:, None] * dv_state
-    dv = _dot(tl.trans(cmat), dnum_t, dv, OP_DTYPE, DOT_DTYPE, PRECISION)
+    # Contributions through the chunk-start state (dq) and the chunk-end state (dk, dv).
+    dq_inter = (scale * a)[:, None] * (dh_cst * inv_norm[:, None] + dden[:, None] * nst_t[None, :])
+    dk_inter = w[:, None] * (v_dcst + dnst_t[None, :])
+    dq = _dot(dscores, k_t, dq_inter, OP_DTYPE, DOT_DTYPE, PRECISION)
+    dk = _dot(tl.trans(dscores), q_t, dk_inter, OP_DTYPE, DOT_DTYPE, PRECISION)
+    dv = _dot(tl.trans(cmat * inv_norm[:, None]), dh_t, w[:, None] * k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
 
-    colsum = tl.sum(v_t.to(tl.float32) * dv, 1)
-    den_colsum = tl.sum(cmat * dden[:, None], 0) + w * k_dnst
-    colsum += tl.where(pid_t == 0, den_colsum, 0.0)
+    # Gate-gradient sums: row_i = q_i . dq_inter_i, col_j = k_j . dk_inter_j (this tile's share),
+    # and for tile 0 the intra-chunk row/column sums of dlogD = dC * C.
+    row_inter = tl.sum(q_t.to(tl.float32) * dq_inter, 1)
+    col_inter = tl.sum(k_t.to(tl.float32) * dk_inter, 1)
+    dlogD = dcmat * cmat
+    off_diag = tl.where(offs_l[:, None] != offs_l[None, :], dlogD, 0.0)
+    first = pid_t == 0
+    dig_part = col_inter + tl.where(first, tl.sum(dlogD, 0), 0.0)
+    dlogF_part = row_inter - col_inter + tl.where(first, tl.sum(off_diag, 1) - tl.sum(off_diag, 0), 0.0)
 
+    dq_base = dq_ptr + i_b * stride_dqb + i_h * stride_dqh
+    dk_base = dk_ptr + i_b * stride_dkb + i_h * stride_dkh
+    dv_base = dv_ptr + i_b * stride_dvb + i_h * stride_dvh
     tl.store(
         dq_base + offs_t[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-        dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None],
+        _cast(dq, dq_ptr.dtype.element_ty), mask=valid[:, None],
     )
     tl.store(
         dk_base + offs_t[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-        dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None],
+        _cast(dk, dk_ptr.dtype.element_ty), mask=valid[:, None],
     )
     tl.store(
         dv_base + offs_t[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
-        dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None],
+        _cast(dv, dv_ptr.dtype.element_ty), mask=valid[:, None],
     )
-    tl.store(colsum_ptr + (pid_t * BH + pid_bh).to(tl.int64) * S + offs_t, colsum, mask=valid)
+    part_off = pid_t.to(tl.int64) * BHS + gate_row
+    tl.store(dig_part_ptr + part_off + offs_t, dig_part, mask=valid)
+    tl.store(dlogF_part_ptr + part_off + offs_t, dlogF_part, mask=valid)
 
 
 @triton.jit
 def _bwd_gates_kernel(
-    fg_ptr, rowsum_ptr, colsum_ptr, dig_ptr, dfg_ptr,
+    fg_ptr, dig_part_ptr, dlogF_part_ptr, dig_ptr, dfg_ptr,
     stride_fb, stride_fh, stride_fs,
-    stride_ib, stride_ih, stride_is,
     stride_gb, stride_gh, stride_gs,
     stride_xb, stride_xh, stride_xs,
-    NH, S, BH, NT,
+    NH, S, NT,
     BT: tl.constexpr,
 ):
-    """d igate_j = colsum_j;  dF_t = rowsum_t - colsum_t;  d logf_l = sum_{t>=l} dF_t;
-    d fgate = d logf * sigmoid(-fgate).  Walks the sequence backwards carrying the suffix sum."""
+    """Sums the per-tile parts; d logf_l = sum_{t>=l} dF_t, d fgate = d logf * sigmoid(-fgate).
+    One program per head walks the sequence backwards, carrying the suffix sum."""
     pid_bh = tl.program_id(0)
     i_b = (pid_bh // NH).to(tl.int64)
     i_h = (pid_bh % NH).to(tl.int64)
@@ -522,26 +563,26 @@ def _bwd_gates_kernel(
     dig_base = dig_ptr + i_b * stride_gb + i_h * stride_gh
     dfg_base = dfg_ptr + i_b * stride_xb + i_h * stride_xh
     gate_row = pid_bh.to(tl.int64) * S
+    BHS = tl.num_programs(0).to(tl.int64) * S
 
     n_blocks = tl.cdiv(S, BT)
     carry = tl.zeros([], dtype=tl.float64)
     for i in range(n_blocks):
         offs_t = (n_blocks - 1 - i) * BT + tl.arange(0, BT)
         valid = offs_t < S
-        colsum = tl.zeros([BT], dtype=tl.float32)
+        dig = tl.zeros([BT], dtype=tl.float32)
+        dlogF = tl.zeros([BT], dtype=tl.float32)
         for t in range(NT):
-            colsum += tl.load(
-                colsum_ptr + t * BH * S + gate_row + offs_t, mask=valid, other=0.0
-            )
-        rowsum = tl.load(rowsum_ptr + gate_row + offs_t, mask=valid, other=0.0)
-        dlogF = (rowsum - colsum).to(tl.float64)
-        # The dF_t sum to zero over the sequence, so the suffix sums cancel heavily: use float64.
+            dig += tl.load(dig_part_ptr + t * BHS + gate_row + offs_t, mask=valid, other=0.0)
+            dlogF += tl.load(dlogF_part_ptr + t * BHS + gate_row + offs_t, mask=valid, other=0.0)
+        # Suffix sums of dF largely cancel (dF sums to zero over the sequence): float64.
+        dlogF = dlogF.to(tl.float64)
         dlogf = tl.cumsum(dlogF, 0, reverse=True) + carry
         carry += tl.sum(dlogF, 0)
         fg = tl.load(fg_base + offs_t * stride_fs, mask=valid, other=0.0).to(tl.float32)
         dfg = dlogf.to(tl.float32) / (1.0 + tl.exp(fg))
-        tl.store(dig_base + offs_t * stride_gs, colsum.to(dig_ptr.dtype.element_ty), mask=valid)
-        tl.store(dfg_base + offs_t * stride_xs, dfg.to(dfg_ptr.dtype.element_ty), mask=valid)
+        tl.store(dig_base + offs_t * stride_gs, _cast(dig, dig_ptr.dtype.element_ty), mask=valid)
+        tl.store(dfg_base + offs_t * stride_xs, _cast(dfg, dfg_ptr.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -577,14 +618,15 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _launch_states(k, v, igate, fgate, b, m, L, store_gates):
+def _launch_states(k, v, igate, fgate, gates, L, store_gates):
+    """Chunk-start states (BH, NC, DH, DH) in the input dtype and normalizer states (BH, NC, DH)."""
     B, NH, S, DH = k.shape
     NC = triton.cdiv(S, L)
     BD = _pow2_block(DH, 64)
     cst = torch.empty(B * NH, NC, DH, DH, device=k.device, dtype=k.dtype)
     nst = torch.empty(B * NH, NC, DH, device=k.device, dtype=torch.float32)
     wrap_triton(_fwd_states_kernel)[(DH // BD, DH // BD, B * NH)](
-        k, v, igate, fgate, b, m, cst, nst,
+        k, v, igate, fgate, gates, cst, nst,
         *_strides4(k), *_strides4(v), *_strides3(igate), *_strides3(fgate),
         NH, S, NC,
         DH=DH, L=L, BD=BD, STORE_GATES=store_gates, **_dot_config(k.dtype),
@@ -596,33 +638,31 @@ def _launch_states(k, v, igate, fgate, b, m, L, store_gates):
 def _mlstm_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
     chunk_size: int, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns h and, for the backward pass, the per-token chunk-local log-forget cumsum b,
-    the stabilizer m and the normalizer argument den (each float32, (B*NH, S))."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns h and, for the backward pass, the gate planes (3, BH, S) = (b_hi, b_lo, m) and
+    den (BH, S), all float32."""
     B, NH, S, DH = q.shape
     L = _chunk_len(chunk_size, S)
     NC = triton.cdiv(S, L)
-    b = torch.empty(B * NH, S, device=q.device, dtype=torch.float32)
-    m = torch.empty_like(b)
-    den = torch.empty_like(b)
+    gates = torch.empty(3, B * NH, S, device=q.device, dtype=torch.float32)
+    den = torch.empty(B * NH, S, device=q.device, dtype=torch.float32)
     h = torch.empty_like(v)
-    cst, nst = _launch_states(k, v, igate, fgate, b, m, L, store_gates=True)
+    cst, nst = _launch_states(k, v, igate, fgate, gates, L, store_gates=True)
 
     BK, BV = _pow2_block(DH, 64), _pow2_block(DH, 128)
     wrap_triton(_fwd_output_kernel)[(DH // BV, NC, B * NH)](
-        q, k, v, igate, b, m, cst, nst, h, den,
+        q, k, v, igate, gates, cst, nst, h, den,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(h), *_strides3(igate),
         NH, S, NC, 1.0 / math.sqrt(DH), eps,
         DH=DH, L=L, BK=BK, BV=BV, **_dot_config(q.dtype),
     )
-    return h, b, m, den
+    return h, gates, den
 
 
 @triton_op("vil::mlstm_chunkwise_bwd", mutates_args={})
 def _mlstm_bwd(
     dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    igate: torch.Tensor, fgate: torch.Tensor, h: torch.Tensor,
-    b: torch.Tensor, m: torch.Tensor, den: torch.Tensor,
+    igate: torch.Tensor, fgate: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, den: torch.Tensor,
     chunk_size: int, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, NH, S, DH = q.shape
@@ -634,22 +674,21 @@ def _mlstm_bwd(
     scale = 1.0 / math.sqrt(DH)
     dots = _dot_config(q.dtype)
 
-    inv_norm = torch.empty_like(b)
-    dden = torch.empty_like(b)
-    rowsum = torch.empty_like(b)
+    inv_norm = torch.empty_like(den)
+    dden = torch.empty_like(den)
     BT = 64
     wrap_triton(_bwd_prep_kernel)[(triton.cdiv(S, BT), BH)](
-        dh, h, den, m, inv_norm, dden, rowsum,
+        dh, h, den, gates, inv_norm, dden,
         *_strides4(dh), *_strides4(h),
         NH, S, eps,
         DH=DH, BT=BT, BD=BD,
     )
 
-    cst, nst = _launch_states(k, v, igate, fgate, b, m, L, store_gates=False)
+    cst, nst = _launch_states(k, v, igate, fgate, gates, L, store_gates=False)
     dcst = torch.empty_like(cst)
     dnst = torch.empty_like(nst)
     wrap_triton(_bwd_states_kernel)[(NT, NT, BH)](
-        q, dh, igate, b, m, inv_norm, dden, dcst, dnst,
+        q, dh, igate, gates, inv_norm, dden, dcst, dnst,
         *_strides4(q), *_strides4(dh), *_strides3(igate),
         NH, S, NC, scale,
         DH=DH, L=L, BD=BD, **dots,
@@ -658,22 +697,23 @@ def _mlstm_bwd(
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    colsum = torch.empty(NT, BH, S, device=q.device, dtype=torch.float32)
+    dig_part = torch.empty(NT, BH, S, device=q.device, dtype=torch.float32)
+    dlogF_part = torch.empty_like(dig_part)
     wrap_triton(_bwd_grads_kernel)[(NT, NC, BH)](
-        q, k, v, dh, igate, b, m, inv_norm, dden, cst, nst, dcst, dnst,
-        dq, dk, dv, colsum,
+        q, k, v, dh, igate, gates, inv_norm, dden, cst, nst, dcst, dnst,
+        dq, dk, dv, dig_part, dlogF_part,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh), *_strides3(igate),
         *_strides4(dq), *_strides4(dk), *_strides4(dv),
-        NH, S, NC, BH, scale,
+        NH, S, NC, scale,
         DH=DH, L=L, BD=BD, **dots,
     )
 
     dig = torch.empty_like(igate)
     dfg = torch.empty_like(fgate)
     wrap_triton(_bwd_gates_kernel)[(BH,)](
-        fgate, rowsum, colsum, dig, dfg,
-        *_strides3(fgate), *_strides3(igate), *_strides3(dig), *_strides3(dfg),
-        NH, S, BH, NT,
+        fgate, dig_part, dlogF_part, dig, dfg,
+        *_strides3(fgate), *_strides3(dig), *_strides3(dfg),
+        NH, S, NT,
         BT=min(1024, max(16, triton.next_power_of_2(S))),
     )
     return dq, dk, dv, dig, dfg
@@ -681,15 +721,15 @@ def _mlstm_bwd(
 
 def _setup_context(ctx, inputs, output):
     q, k, v, igate, fgate, chunk_size, eps = inputs
-    h, b, m, den = output
-    ctx.save_for_backward(q, k, v, igate, fgate, h, b, m, den)
+    h, gates, den = output
+    ctx.save_for_backward(q, k, v, igate, fgate, h, gates, den)
     ctx.chunk_size = chunk_size
     ctx.eps = eps
 
 
-def _backward(ctx, dh, _db, _dm, _dden):
-    q, k, v, igate, fgate, h, b, m, den = ctx.saved_tensors
-    dq, dk, dv, dig, dfg = _mlstm_bwd(dh, q, k, v, igate, fgate, h, b, m, den, ctx.chunk_size, ctx.eps)
+def _backward(ctx, dh, _dgates, _dden):
+    q, k, v, igate, fgate, h, gates, den = ctx.saved_tensors
+    dq, dk, dv, dig, dfg = _mlstm_bwd(dh, q, k, v, igate, fgate, h, gates, den, ctx.chunk_size, ctx.eps)
     return dq, dk, dv, dig, dfg, None, None
 
 
@@ -726,5 +766,5 @@ def mlstm_chunkwise_triton(
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     if q.shape[2] == 0:
         return torch.empty_like(v)
-    h, _, _, _ = _mlstm_fwd(q, k, v, igate, fgate, chunk_size, eps)
+    h, _, _ = _mlstm_fwd(q, k, v, igate, fgate, chunk_size, eps)
     return h
