@@ -68,7 +68,7 @@ class ClassificationModule(BackboneModule):
 
 
 def main(args=None):
-    LightningCLI(ClassificationModule, save_config_kwargs={"overwrite": True}, args=args)
+    LightningCLI(ClassificationModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,14 @@ import time
 from lightning.pytorch.cli import LightningCLI
 
 from tasks.classification import ClassificationModule
-from tasks.data.digits import DigitsDataModule
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "digits", "vil_digits.yaml")
 
 
 def main(args: list[str] | None = None) -> dict[str, float]:
     args = sys.argv[1:] if args is None else list(args)
-    cli = LightningCLI(ClassificationModule, DigitsDataModule, run=False, save_config_kwargs={"overwrite": True},
-                       args=["--config", os.path.normpath(DEFAULT_CONFIG), *args])
+    cli = LightningCLI(ClassificationModule, subclass_mode_data=True, run=False,
+                       save_config_kwargs={"overwrite": True}, args=["--config", os.path.normpath(DEFAULT_CONFIG), *args])
     start = time.time()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     best = cli.trainer.checkpoint_callback.best_model_path or None
