@@ -296,12 +296,19 @@ def _fwd_output_kernel(
 # Backward
 #
 # With dnum_i = dh_i / n_i, n_i = max(|den_i|, exp(-m_i)) + eps and dden_i the gradient reaching
-# den_i through n_i, the gradient of C_ij is dC_ij = dnum_i . v_j + dden_i, and that of
-# log D_ij is dC_ij C_ij. The input gate collects column sums of dC * C; F_t (the global log-forget
-# cumsum) collects row sums minus column sums. Both are assembled from float32 pieces: the
-# intra-chunk part directly from dC * C, the inter-chunk parts as q_i . dq_i and k_j . dk_j of the
-# state terms. The diagonal, which dominates both sums for small forget gates, is left out of the
-# row-minus-column difference instead of cancelling numerically.
+# den_i through n_i, the gradient of C_ij is dC_ij = dnum_i . v_j + dden_i and that of log D_ij is
+# G_ij = dC_ij C_ij. The input gate gets column sums, d igate_j = sum_i G_ij, and log f_l gets the
+# sum over the pairs that span it, d logf_l = sum_{i >= l > j} G_ij. The latter is summed pair by
+# pair rather than as a suffix sum of (row sum - column sum): that difference cancels almost
+# completely for strongly forgetting tokens, where the true gradient is tiny.
+#
+# For l in chunk c (tokens s..e), the spanning pairs split into
+#   i, j both in c                      -> from G inside the chunk,
+#   i in c (i >= l), j < s              -> suffix sum over the chunk of q_i . dq_i(inter),
+#   i > e, j in c (j < l)               -> prefix sum over the chunk of k_j . dk_j(inter),
+#   i > e, j < s                        -> <dCst_end, decay * Cst_start>, the same for the whole chunk,
+# where dq(inter) and dk(inter) are the parts of dq, dk that flow through the chunk-start and
+# chunk-end states.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -411,7 +418,7 @@ def _bwd_grads_kernel(
     q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr,
     gate_ptr, inv_norm_ptr, dden_ptr,
     cst_ptr, nst_ptr, dcst_ptr, dnst_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dig_part_ptr, dlogF_part_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dig_part_ptr, dlogf_part_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -457,6 +464,7 @@ def _bwd_grads_kernel(
     v_dcst = tl.zeros([L, BD], dtype=tl.float32)  # (dCst v_j)[tile], dCst = grad of chunk-end state
     k_dcst = tl.zeros([L, BD], dtype=tl.float32)  # (dCst^T k_j)[tile]
     k_dnst = tl.zeros([L], dtype=tl.float32)  # k_j . dnst
+    state_dot = tl.zeros([BD, BD], dtype=tl.float32)  # Cst * dCst, rows of this tile
     for u in range(0, DH, BD):
         offs_u = u + tl.arange(0, BD)
         q_u = tl.load(
@@ -485,8 +493,9 @@ def _bwd_grads_kernel(
         v_dcst = _dot(v_u, tl.trans(dcst_du), v_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
         k_dcst = _dot(k_u, dcst_ud, k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
         k_dnst += tl.sum(k_u.to(tl.float32) * dnst_u[None, :], 1)
+        state_dot += cst_du.to(tl.float32) * dcst_du.to(tl.float32)
 
-    a, w, _ = _state_weights(b_hi, b_lo, m, ig, valid, m_prev, bh_last, bl_last, m_last)
+    a, w, decay_state = _state_weights(b_hi, b_lo, m, ig, valid, m_prev, bh_last, bl_last, m_last)
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
     decay = _intra_decay(b_hi, b_lo, ig, m, causal)
     cmat = scores * scale * decay
@@ -515,15 +524,21 @@ def _bwd_grads_kernel(
     dk = _dot(tl.trans(dscores), q_t, dk_inter, OP_DTYPE, DOT_DTYPE, PRECISION)
     dv = _dot(tl.trans(cmat * inv_norm[:, None]), dh_t, w[:, None] * k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
 
-    # Gate-gradient sums: row_i = q_i . dq_inter_i, col_j = k_j . dk_inter_j (this tile's share),
-    # and for tile 0 the intra-chunk row/column sums of dlogD = dC * C.
-    row_inter = tl.sum(q_t.to(tl.float32) * dq_inter, 1)
-    col_inter = tl.sum(k_t.to(tl.float32) * dk_inter, 1)
-    dlogD = dcmat * cmat
-    off_diag = tl.where(offs_l[:, None] != offs_l[None, :], dlogD, 0.0)
+    # Gate gradients (see the note above the backward kernels); the row/column sums through the
+    # states are this tile's share, the intra-chunk terms are added by tile 0.
+    row_inter = tl.sum(q_t.to(tl.float32) * dq_inter, 1)  # sum_{j < s} G_ij
+    col_inter = tl.sum(k_t.to(tl.float32) * dk_inter, 1)  # sum_{i > e} G_ij
+    before = offs_l[None, :] < offs_l[:, None]  # [l, x]: x < l
+    spanning = tl.sum(tl.where(before, col_inter[None, :], 0.0), 1)
+    spanning += tl.sum(tl.where(before, 0.0, row_inter[None, :]), 1)
+    passing = decay_state * (tl.sum(tl.sum(state_dot, 1), 0) + tl.sum(nst_t * dnst_t, 0))
+    g = dcmat * cmat  # G_ij inside the chunk
+    # [l, j] = sum_{i >= l} G_ij; its sum over j < l is the intra-chunk spanning sum for l.
+    g_below = tl.cumsum(g, 0, reverse=True)
+    intra_spanning = tl.sum(tl.where(before, g_below, 0.0), 1)
     first = pid_t == 0
-    dig_part = col_inter + tl.where(first, tl.sum(dlogD, 0), 0.0)
-    dlogF_part = row_inter - col_inter + tl.where(first, tl.sum(off_diag, 1) - tl.sum(off_diag, 0), 0.0)
+    dig_part = col_inter + tl.where(first, tl.sum(g, 0), 0.0)
+    dlogf_part = spanning + passing + tl.where(first, intra_spanning, 0.0)
 
     dq_base = dq_ptr + i_b * stride_dqb + i_h * stride_dqh
     dk_base = dk_ptr + i_b * stride_dkb + i_h * stride_dkh
@@ -542,47 +557,45 @@ def _bwd_grads_kernel(
     )
     part_off = pid_t.to(tl.int64) * BHS + gate_row
     tl.store(dig_part_ptr + part_off + offs_t, dig_part, mask=valid)
-    tl.store(dlogF_part_ptr + part_off + offs_t, dlogF_part, mask=valid)
+    tl.store(dlogf_part_ptr + part_off + offs_t, dlogf_part, mask=valid)
 
 
 @triton.jit
 def _bwd_gates_kernel(
-    fg_ptr, dig_part_ptr, dlogF_part_ptr, dig_ptr, dfg_ptr,
+    fg_ptr, dig_part_ptr, dlogf_part_ptr, dig_ptr, dfg_ptr,
     stride_fb, stride_fh, stride_fs,
     stride_gb, stride_gh, stride_gs,
     stride_xb, stride_xh, stride_xs,
     NH, S, NT,
     BT: tl.constexpr,
 ):
-    """Sums the per-tile parts; d logf_l = sum_{t>=l} dF_t, d fgate = d logf * sigmoid(-fgate).
-    One program per head walks the sequence backwards, carrying the suffix sum."""
-    pid_bh = tl.program_id(0)
+    """Sums the per-tile parts; d fgate = d logf * sigmoid(-fgate)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     i_b = (pid_bh // NH).to(tl.int64)
     i_h = (pid_bh % NH).to(tl.int64)
-    fg_base = fg_ptr + i_b * stride_fb + i_h * stride_fh
-    dig_base = dig_ptr + i_b * stride_gb + i_h * stride_gh
-    dfg_base = dfg_ptr + i_b * stride_xb + i_h * stride_xh
     gate_row = pid_bh.to(tl.int64) * S
-    BHS = tl.num_programs(0).to(tl.int64) * S
+    BHS = tl.num_programs(1).to(tl.int64) * S
 
-    n_blocks = tl.cdiv(S, BT)
-    carry = tl.zeros([], dtype=tl.float64)
-    for i in range(n_blocks):
-        offs_t = (n_blocks - 1 - i) * BT + tl.arange(0, BT)
-        valid = offs_t < S
-        dig = tl.zeros([BT], dtype=tl.float32)
-        dlogF = tl.zeros([BT], dtype=tl.float32)
-        for t in range(NT):
-            dig += tl.load(dig_part_ptr + t * BHS + gate_row + offs_t, mask=valid, other=0.0)
-            dlogF += tl.load(dlogF_part_ptr + t * BHS + gate_row + offs_t, mask=valid, other=0.0)
-        # Suffix sums of dF largely cancel (dF sums to zero over the sequence): float64.
-        dlogF = dlogF.to(tl.float64)
-        dlogf = tl.cumsum(dlogF, 0, reverse=True) + carry
-        carry += tl.sum(dlogF, 0)
-        fg = tl.load(fg_base + offs_t * stride_fs, mask=valid, other=0.0).to(tl.float32)
-        dfg = dlogf.to(tl.float32) / (1.0 + tl.exp(fg))
-        tl.store(dig_base + offs_t * stride_gs, _cast(dig, dig_ptr.dtype.element_ty), mask=valid)
-        tl.store(dfg_base + offs_t * stride_xs, _cast(dfg, dfg_ptr.dtype.element_ty), mask=valid)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    valid = offs_t < S
+    dig = tl.zeros([BT], dtype=tl.float32)
+    dlogf = tl.zeros([BT], dtype=tl.float32)
+    for t in range(NT):
+        dig += tl.load(dig_part_ptr + t * BHS + gate_row + offs_t, mask=valid, other=0.0)
+        dlogf += tl.load(dlogf_part_ptr + t * BHS + gate_row + offs_t, mask=valid, other=0.0)
+    fg = tl.load(
+        fg_ptr + i_b * stride_fb + i_h * stride_fh + offs_t * stride_fs, mask=valid, other=0.0
+    ).to(tl.float32)
+    dfg = dlogf / (1.0 + tl.exp(fg))
+    tl.store(
+        dig_ptr + i_b * stride_gb + i_h * stride_gh + offs_t * stride_gs,
+        _cast(dig, dig_ptr.dtype.element_ty), mask=valid,
+    )
+    tl.store(
+        dfg_ptr + i_b * stride_xb + i_h * stride_xh + offs_t * stride_xs,
+        _cast(dfg, dfg_ptr.dtype.element_ty), mask=valid,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -698,10 +711,10 @@ def _mlstm_bwd(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dig_part = torch.empty(NT, BH, S, device=q.device, dtype=torch.float32)
-    dlogF_part = torch.empty_like(dig_part)
+    dlogf_part = torch.empty_like(dig_part)
     wrap_triton(_bwd_grads_kernel)[(NT, NC, BH)](
         q, k, v, dh, igate, gates, inv_norm, dden, cst, nst, dcst, dnst,
-        dq, dk, dv, dig_part, dlogF_part,
+        dq, dk, dv, dig_part, dlogf_part,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh), *_strides3(igate),
         *_strides4(dq), *_strides4(dk), *_strides4(dv),
         NH, S, NC, scale,
@@ -710,11 +723,12 @@ def _mlstm_bwd(
 
     dig = torch.empty_like(igate)
     dfg = torch.empty_like(fgate)
-    wrap_triton(_bwd_gates_kernel)[(BH,)](
-        fgate, dig_part, dlogF_part, dig, dfg,
+    BT = 256
+    wrap_triton(_bwd_gates_kernel)[(triton.cdiv(S, BT), BH)](
+        fgate, dig_part, dlogf_part, dig, dfg,
         *_strides3(fgate), *_strides3(dig), *_strides3(dfg),
         NH, S, NT,
-        BT=min(1024, max(16, triton.next_power_of_2(S))),
+        BT=BT,
     )
     return dq, dk, dv, dig, dfg
 
