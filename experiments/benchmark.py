@@ -43,7 +43,8 @@ def build(kind: str, size: str, res: int, quick: bool) -> torch.nn.Module:
             return timm.create_model(deit_name, img_size=res, patch_size=4, embed_dim=32, depth=2, num_heads=2)
         return timm.create_model(deit_name, img_size=res)
     form = "parallel" if kind == "authors" else "auto"
-    return vil.create_model(vil_name, img_size=res, mlstm_form=form, **(QUICK if quick else {}))
+    traversal = "quad" if kind == "vil-quad" else "bi"
+    return vil.create_model(vil_name, img_size=res, mlstm_form=form, traversal=traversal, **(QUICK if quick else {}))
 
 
 def batch_size(size: str, res: int, quick: bool) -> int:
@@ -133,6 +134,7 @@ def summarize(rows) -> list[dict]:
                 v = best(rows, size=size, res=res, task=task, model="vil")
                 d = best(rows, size=size, res=res, task=task, model="deit")
                 a = best(rows, size=size, res=res, task=task, model="authors")
+                q = best(rows, size=size, res=res, task=task, model="vil-quad")
                 ratio = lambda p, q: p["img_s"] / q["img_s"] if p and q else float("nan")  # noqa: E731
                 table.append(dict(
                     size=size, res=res, task=task,
@@ -140,6 +142,7 @@ def summarize(rows) -> list[dict]:
                     deit_img_s=d["img_s"] if d else float("nan"), deit_mode=d["mode"] if d else "-",
                     authors_img_s=a["img_s"] if a else float("nan"),
                     vil_over_deit=ratio(v, d), vil_over_authors=ratio(v, a),
+                    quad_over_bi=ratio(q, v),
                     vil_peak_gib=v["peak_gib"] if v else float("nan"), deit_peak_gib=d["peak_gib"] if d else float("nan"),
                 ))
     return table
@@ -147,13 +150,13 @@ def summarize(rows) -> list[dict]:
 
 def print_table(table):
     head = (f"{'size':5s} {'res':>5s} {'task':5s} {'ViL img/s':>10s} {'DeiT img/s':>10s} {'ViL/DeiT':>8s} "
-            f"{'authors':>9s} {'ViL/auth':>8s} {'ViL GiB':>8s} {'DeiT GiB':>8s}")
+            f"{'authors':>9s} {'ViL/auth':>8s} {'quad/bi':>7s} {'ViL GiB':>8s} {'DeiT GiB':>8s}")
     print(head)
     print("-" * len(head))
     for r in table:
         print(f"{r['size']:5s} {r['res']:5d} {r['task']:5s} {r['vil_img_s']:10.1f} {r['deit_img_s']:10.1f} "
               f"{r['vil_over_deit']:7.2f}x {r['authors_img_s']:9.1f} {r['vil_over_authors']:7.2f}x "
-              f"{r['vil_peak_gib']:8.2f} {r['deit_peak_gib']:8.2f}")
+              f"{r['quad_over_bi']:6.2f}x {r['vil_peak_gib']:8.2f} {r['deit_peak_gib']:8.2f}")
 
 
 def write_outputs(rows, table, out_dir):
@@ -188,7 +191,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--res", nargs="+", type=int, default=[224, 384, 512, 768, 1024])
-    p.add_argument("--kinds", nargs="+", default=["vil", "deit", "authors"], choices=["vil", "deit", "authors"])
+    p.add_argument("--kinds", nargs="+", default=["vil", "deit", "authors"],
+                   choices=["vil", "vil-quad", "deit", "authors"], help="vil-quad: ViL with quad-directional traversal")
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -207,3 +207,10 @@ def test_flops_helper():
     for name, linear, dim in (("vil2_tiny", 1.11, 192), ("vil2_small", 4.23, 384), ("vil2_base", 16.7, 768)):
         cell = 2 * 24 * 196**2 * 2 * dim / 1e9
         assert gmacs[name] == pytest.approx(linear + cell, rel=0.03), name
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(traversal="quad", cls_tokens="bilateral")])
+def test_torch_compile_traces_without_graph_breaks(variant):
+    model = vil.create_model("vil2_nano", dim=32, depth=2, img_size=16, mlstm_form="chunkwise", **variant)
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -6,8 +6,8 @@ their checkpoints load unchanged (see ``vil.checkpoint``).
 """
 from __future__ import annotations
 
+import functools
 import math
-from functools import partial
 from typing import Sequence
 
 import torch
@@ -37,20 +37,26 @@ CONCURRENCY = ("sequential", "parallel")
 # ----------------------------------------------------------------------------------------------------------------------
 # Token orders
 # ----------------------------------------------------------------------------------------------------------------------
-def traversal_order(direction: str, grid: tuple[int, int], device=None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Token indices (row-major numbering) in the order ``direction`` visits them, and the grid shape that
-    the visited sequence forms when read back row by row (transposed for column-wise traversals)."""
-    H, W = grid
-    idx = torch.arange(H * W, device=device).view(H, W)
+@functools.lru_cache(maxsize=256)
+def _traversal_order(direction: str, H: int, W: int) -> tuple[tuple[int, ...], tuple[int, int]]:
+    rows = [[r * W + c for c in range(W)] for r in range(H)]
     axis, start = direction.split("_from_")
     if start in ("top_right", "bot_left"):
-        idx = idx.flip(1)
+        rows = [row[::-1] for row in rows]
     if axis == "colwise":
-        idx = idx.t()
-    order = idx.reshape(-1)
+        rows = [list(col) for col in zip(*rows)]
+    order = [i for row in rows for i in row]
     if start in ("bot_right", "bot_left"):
-        order = order.flip(0)
-    return order, tuple(idx.shape)
+        order = order[::-1]
+    return tuple(order), (len(rows), len(rows[0]))
+
+
+def traversal_order(direction: str, grid: tuple[int, int], device=None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Token indices (row-major numbering) in the order ``direction`` visits them, and the grid shape that
+    the visited sequence forms when read back row by row (transposed for column-wise traversals).
+    Computed in Python so that torch.compile sees constants."""
+    order, shape = _traversal_order(direction, *grid)
+    return torch.tensor(order, device=device), shape
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -406,24 +412,25 @@ class VisionLSTM(nn.Module):
             d = block.direction
             if d in layout:
                 continue
-            perm, dgrid = traversal_order(d, grid, device)
+            perm_list, dgrid = _traversal_order(d, *grid)
+            perm = torch.tensor(perm_list, device=device)
             if not slots and d == "rowwise_from_top_left":
                 layout[d] = (None, None, dgrid, None)
                 continue
             if slots:
                 # Keep [CLS] tokens at their slots of the forward traversal; reversed traversals mirror all.
+                # Index lists are built in Python so that torch.compile sees constants, not data-dependent ops.
                 reverse = d.endswith(("bot_right", "bot_left"))
-                fwd = perm.flip(0) if reverse else perm
-                is_patch = torch.ones(num_patches + len(slots), dtype=torch.bool, device=device)
-                is_patch[slots] = False
-                canon_patch_pos = is_patch.nonzero().squeeze(1)
-                order = torch.empty_like(is_patch, dtype=torch.long)
-                order[~is_patch] = torch.tensor(slots, device=device)
-                order[is_patch] = canon_patch_pos[fwd]
+                fwd = perm_list[::-1] if reverse else perm_list
+                n = num_patches + len(slots)
+                canon_patches = [i for i in range(n) if i not in slots]
+                patches = iter(canon_patches[p] for p in fwd)
+                order = [i if i in slots else next(patches) for i in range(n)]
+                slot_set = set(slots)
                 if reverse:
-                    order = order.flip(0)
-                    is_patch = is_patch.flip(0)
-                patch_index = is_patch.nonzero().squeeze(1)
+                    order = order[::-1]
+                patch_index = torch.tensor([t for t, i in enumerate(order) if i not in slot_set], device=device)
+                order = torch.tensor(order, device=device)
             else:
                 order, patch_index = perm, None
             layout[d] = (order, torch.argsort(order), dgrid, patch_index)
@@ -489,9 +496,8 @@ class VisionLSTM(nn.Module):
     def _patch_positions(self, num_tokens, device):
         if self.cls_token is None:
             return None
-        is_patch = torch.ones(num_tokens, dtype=torch.bool, device=device)
-        is_patch[self._cls_slots(num_tokens - self.cls_token.shape[1])] = False
-        return is_patch.nonzero().squeeze(1)
+        slots = set(self._cls_slots(num_tokens - self.cls_token.shape[1]))
+        return torch.tensor([i for i in range(num_tokens) if i not in slots], device=device)
 
     @staticmethod
     def _to_image(x, grid, patch_pos=None):

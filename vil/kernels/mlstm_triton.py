@@ -275,7 +275,9 @@ def _fwd_output_kernel(
 
     a = tl.where(valid, tl.exp((b_hi + (m_prev - m)) + b_lo), 0.0)
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
-    p = scores * scale * _intra_decay(b_hi, b_lo, ig, m, causal)
+    # Normalize with the same (rounded) weights that multiply v: when one key dominates a row,
+    # h is then exactly +-v_j as in exact arithmetic, and the backward's dh . h cancellation holds.
+    p = _cast(scores * scale * _intra_decay(b_hi, b_lo, ig, m, causal), OP_DTYPE).to(tl.float32)
 
     den = scale * a * q_nst + tl.sum(p, 1)
     v_c = tl.load(
