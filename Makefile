@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m tasks.digits --out $(RUN_DIR)
+	$(PY) -m tasks.digits --trainer.default_root_dir $(RUN_DIR) --trainer.logger.init_args.save_dir $(RUN_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -98,19 +98,20 @@ def _intra_decay(b_hi, b_lo, ig, m, causal):
 
 
 @triton.jit
-def _load_chunk_gates(gate_ptr, gate_row, BHS, ig_row, stride_is, c, S, L: tl.constexpr):
-    """Per-token gate quantities of chunk ``c``.
+def _load_chunk_gates(gate_ptr, gate_row, BHS, ig_row, stride_is, offs_t, valid, c, S, L: tl.constexpr):
+    """Per-token gate quantities of chunk ``c`` (tokens ``offs_t``, ``valid`` = offs_t < S).
 
     ``gate_ptr`` holds three (BH, S) float32 planes: b_hi, b_lo (the chunk-local log-forget cumsum
-    b = b_hi + b_lo) and the stabilizer m. Returns token offsets, validity mask, b_hi, b_lo, m, the
-    input gate (-inf on padding, so padded keys get zero weight), m_prev (m at the last token of
-    the previous chunk, -inf for the first chunk) and b_hi, b_lo, m at the chunk's last token.
+    b = b_hi + b_lo) and the stabilizer m. Returns b_hi, b_lo, m, the input gate (-inf on padding,
+    so padded keys get zero weight), m_prev (m at the last token of the previous chunk, -inf for
+    the first chunk) and b_hi, b_lo, m at the chunk's last token.
+
+    Token offsets are computed by the caller: store addresses must not derive from this call's
+    results, or torch.compile's kernel analysis counts the pointers passed here as written.
     """
     bh_row = gate_ptr + gate_row
     bl_row = bh_row + BHS
     m_row = bl_row + BHS
-    offs_t = c * L + tl.arange(0, L)
-    valid = offs_t < S
     b_hi = tl.load(bh_row + offs_t, mask=valid, other=0.0)
     b_lo = tl.load(bl_row + offs_t, mask=valid, other=0.0)
     m = tl.load(m_row + offs_t, mask=valid, other=0.0)
@@ -120,7 +121,7 @@ def _load_chunk_gates(gate_ptr, gate_row, BHS, ig_row, stride_is, c, S, L: tl.co
     bh_last = tl.load(bh_row + last)
     bl_last = tl.load(bl_row + last)
     m_last = tl.load(m_row + last)
-    return offs_t, valid, b_hi, b_lo, m, ig, m_prev, bh_last, bl_last, m_last
+    return b_hi, b_lo, m, ig, m_prev, bh_last, bl_last, m_last
 
 
 @triton.jit
@@ -147,13 +148,13 @@ def _fwd_states_kernel(
     stride_ib, stride_ih, stride_is,
     stride_fb, stride_fh, stride_fs,
     NH, S, NC,
-    DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr, STORE_GATES: tl.constexpr,
+    DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Walks the chunks in order and writes the (BD x BD tile of the) state at every chunk start.
 
-    Also computes the gate planes (b_hi, b_lo, m) read by all other kernels; with STORE_GATES one
-    program per head writes them.
+    Also computes the gate planes (b_hi, b_lo, m) read by all other kernels; every program computes
+    them (a few scans per chunk), the first program of each head writes them.
     """
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -172,7 +173,7 @@ def _fwd_states_kernel(
     offs_l = tl.arange(0, L)
     offs_k = pid_k * BD + tl.arange(0, BD)
     offs_v = pid_v * BD + tl.arange(0, BD)
-    writes_gates = (pid_k == 0) & (pid_v == 0) & STORE_GATES
+    writes_gates = (pid_k == 0) & (pid_v == 0)
     writes_nst = pid_v == 0
 
     cst = tl.zeros([BD, BD], dtype=tl.float32)
@@ -191,13 +192,12 @@ def _fwd_states_kernel(
         m = b + tl.maximum(tl.associative_scan(ig - b, 0, _max_combine), m_prev)
         b_last = tl.sum(tl.where(offs_l == L - 1, b, 0.0))
         m_last = tl.sum(tl.where(offs_l == L - 1, m, 0.0))
-        if STORE_GATES:
-            b_hi = b.to(tl.float32)
-            b_lo = (b - b_hi.to(tl.float64)).to(tl.float32)
-            store = valid & writes_gates
-            tl.store(bh_row + offs_t, b_hi, mask=store)
-            tl.store(bh_row + BHS + offs_t, b_lo, mask=store)
-            tl.store(bh_row + 2 * BHS + offs_t, m.to(tl.float32), mask=store)
+        b_hi = b.to(tl.float32)
+        b_lo = (b - b_hi.to(tl.float64)).to(tl.float32)
+        store = valid & writes_gates
+        tl.store(bh_row + offs_t, b_hi, mask=store)
+        tl.store(bh_row + BHS + offs_t, b_lo, mask=store)
+        tl.store(bh_row + 2 * BHS + offs_t, m.to(tl.float32), mask=store)
 
         c_ptrs = cst_base + c * DH * DH + offs_k[:, None] * DH + offs_v[None, :]
         tl.store(c_ptrs, _cast(cst, cst_ptr.dtype.element_ty))
@@ -223,7 +223,7 @@ def _fwd_states_kernel(
 @triton.autotune(configs=_autotune_configs((4, 8), (1, 2, 3)), key=["S", "DH", "L"])
 @triton.jit
 def _fwd_output_kernel(
-    q_ptr, k_ptr, v_ptr, ig_ptr, gate_ptr, cst_ptr, nst_ptr, h_ptr, den_ptr,
+    q_ptr, k_ptr, v_ptr, ig_ptr, gate_ptr, cst_ptr, nst_ptr, h_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -233,7 +233,7 @@ def _fwd_output_kernel(
     DH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Output tile (chunk c, DH columns of tile pid_v); also writes den for the backward pass."""
+    """Output tile (chunk c, DH columns of tile pid_v)."""
     pid_v = tl.program_id(0)
     c = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -247,11 +247,13 @@ def _fwd_output_kernel(
     cst_base = cst_ptr + (pid_bh.to(tl.int64) * NC + c) * DH * DH
     nst_base = nst_ptr + (pid_bh.to(tl.int64) * NC + c) * DH
 
-    offs_t, valid, b_hi, b_lo, m, ig, m_prev, _, _, _ = _load_chunk_gates(
-        gate_ptr, gate_row, tl.num_programs(2).to(tl.int64) * S,
-        ig_ptr + i_b * stride_ib + i_h * stride_ih, stride_is, c, S, L,
-    )
     offs_l = tl.arange(0, L)
+    offs_t = c * L + offs_l
+    valid = offs_t < S
+    b_hi, b_lo, m, ig, m_prev, _, _, _ = _load_chunk_gates(
+        gate_ptr, gate_row, tl.num_programs(2).to(tl.int64) * S,
+        ig_ptr + i_b * stride_ib + i_h * stride_ih, stride_is, offs_t, valid, c, S, L,
+    )
     offs_v = pid_v * BV + tl.arange(0, BV)
 
     scores = tl.zeros([L, L], dtype=tl.float32)
@@ -275,9 +277,7 @@ def _fwd_output_kernel(
 
     a = tl.where(valid, tl.exp((b_hi + (m_prev - m)) + b_lo), 0.0)
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
-    # Normalize with the same (rounded) weights that multiply v: when one key dominates a row,
-    # h is then exactly +-v_j as in exact arithmetic, and the backward's dh . h cancellation holds.
-    p = _cast(scores * scale * _intra_decay(b_hi, b_lo, ig, m, causal), OP_DTYPE).to(tl.float32)
+    p = scores * scale * _intra_decay(b_hi, b_lo, ig, m, causal)
 
     den = scale * a * q_nst + tl.sum(p, 1)
     v_c = tl.load(
@@ -291,7 +291,6 @@ def _fwd_output_kernel(
         h_base + offs_t[:, None] * stride_hs + offs_v[None, :] * stride_hd,
         _cast(h, h_ptr.dtype.element_ty), mask=valid[:, None],
     )
-    tl.store(den_ptr + gate_row + offs_t, den, mask=valid & (pid_v == 0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,46 +313,101 @@ def _fwd_output_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
+@triton.autotune(configs=_autotune_configs((4, 8), (1, 2)), key=["S", "DH", "L"])
 @triton.jit
-def _bwd_prep_kernel(
-    dh_ptr, h_ptr, den_ptr, gate_ptr, inv_norm_ptr, dden_ptr,
+def _bwd_norm_kernel(
+    q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr, gate_ptr, cst_ptr, nst_ptr, inv_norm_ptr, dden_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
     stride_db, stride_dh, stride_ds, stride_dd,
-    stride_hb, stride_hh, stride_hs, stride_hd,
-    NH, S, eps,
-    DH: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    stride_ib, stride_ih, stride_is,
+    NH, S, NC, scale, eps,
+    DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr,
+    OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per token: 1/n and dden = -(dh . h) / n * d|den|/dden where the max picks |den|."""
-    pid_t = tl.program_id(0)
+    """Per token of chunk c: 1/n and dden = -(dh . num) / n^2 * d|den|/dden (0 where the max picks
+    exp(-m)).
+
+    den and dh . num are recomputed from the same float32 quantities the other backward kernels
+    use, rather than taken from the rounded forward output: rows with |den| much smaller than the
+    sum of |C_ij| amplify any mismatch between the two.
+    """
+    c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     i_b = (pid_bh // NH).to(tl.int64)
     i_h = (pid_bh % NH).to(tl.int64)
+    q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
+    k_base = k_ptr + i_b * stride_kb + i_h * stride_kh
+    v_base = v_ptr + i_b * stride_vb + i_h * stride_vh
     dh_base = dh_ptr + i_b * stride_db + i_h * stride_dh
-    h_base = h_ptr + i_b * stride_hb + i_h * stride_hh
     gate_row = pid_bh.to(tl.int64) * S
-    m_row = gate_ptr + 2 * tl.num_programs(1).to(tl.int64) * S + gate_row
+    cst_base = cst_ptr + (pid_bh.to(tl.int64) * NC + c) * DH * DH
+    nst_base = nst_ptr + (pid_bh.to(tl.int64) * NC + c) * DH
 
-    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_l = tl.arange(0, L)
+    offs_t = c * L + offs_l
     valid = offs_t < S
-    dh_dot_h = tl.zeros([BT], dtype=tl.float32)
+    b_hi, b_lo, m, ig, m_prev, _, _, _ = _load_chunk_gates(
+        gate_ptr, gate_row, tl.num_programs(1).to(tl.int64) * S,
+        ig_ptr + i_b * stride_ib + i_h * stride_ih, stride_is, offs_t, valid, c, S, L,
+    )
+
+    scores = tl.zeros([L, L], dtype=tl.float32)  # q_i . k_j
+    dh_v = tl.zeros([L, L], dtype=tl.float32)  # dh_i . v_j
+    q_nst = tl.zeros([L], dtype=tl.float32)
     for u in range(0, DH, BD):
         offs_u = u + tl.arange(0, BD)
+        q_u = tl.load(
+            q_base + offs_t[:, None] * stride_qs + offs_u[None, :] * stride_qd,
+            mask=valid[:, None], other=0.0,
+        )
+        k_u = tl.load(
+            k_base + offs_t[:, None] * stride_ks + offs_u[None, :] * stride_kd,
+            mask=valid[:, None], other=0.0,
+        )
+        v_u = tl.load(
+            v_base + offs_t[:, None] * stride_vs + offs_u[None, :] * stride_vd,
+            mask=valid[:, None], other=0.0,
+        )
         dh_u = tl.load(
             dh_base + offs_t[:, None] * stride_ds + offs_u[None, :] * stride_dd,
             mask=valid[:, None], other=0.0,
         )
-        h_u = tl.load(
-            h_base + offs_t[:, None] * stride_hs + offs_u[None, :] * stride_hd,
+        scores = _dot(q_u, tl.trans(k_u), scores, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dh_v = _dot(dh_u, tl.trans(v_u), dh_v, OP_DTYPE, DOT_DTYPE, PRECISION)
+        q_nst += tl.sum(q_u.to(tl.float32) * tl.load(nst_base + offs_u)[None, :], 1)
+
+    # dh_i . (q_i^T Cst), one DH column tile of the state at a time.
+    dh_q_cst = tl.zeros([L], dtype=tl.float32)
+    for w in range(0, DH, BD):
+        offs_w = w + tl.arange(0, BD)
+        q_cst = tl.zeros([L, BD], dtype=tl.float32)
+        for u in range(0, DH, BD):
+            offs_u = u + tl.arange(0, BD)
+            q_u = tl.load(
+                q_base + offs_t[:, None] * stride_qs + offs_u[None, :] * stride_qd,
+                mask=valid[:, None], other=0.0,
+            )
+            cst_uw = tl.load(cst_base + offs_u[:, None] * DH + offs_w[None, :])
+            q_cst = _dot(q_u, cst_uw, q_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dh_w = tl.load(
+            dh_base + offs_t[:, None] * stride_ds + offs_w[None, :] * stride_dd,
             mask=valid[:, None], other=0.0,
         )
-        dh_dot_h += tl.sum(dh_u.to(tl.float32) * h_u.to(tl.float32), 1)
+        dh_q_cst += tl.sum(q_cst * dh_w.to(tl.float32), 1)
 
-    den = tl.load(den_ptr + gate_row + offs_t, mask=valid, other=0.0)
-    m = tl.load(m_row + offs_t, mask=valid, other=0.0)
+    a = tl.where(valid, tl.exp((b_hi + (m_prev - m)) + b_lo), 0.0)
+    causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
+    cmat = scores * scale * _intra_decay(b_hi, b_lo, ig, m, causal)
+    den = tl.sum(cmat, 1) + scale * a * q_nst
+    dh_num = tl.sum(cmat * dh_v, 1) + scale * a * dh_q_cst
+
     floor = tl.exp(-m)
-    norm = tl.maximum(tl.abs(den), floor) + eps
-    dnorm = -dh_dot_h / norm
+    inv_norm = 1.0 / (tl.maximum(tl.abs(den), floor) + eps)
+    dnorm = -dh_num * inv_norm * inv_norm
     dden = tl.where(tl.abs(den) > floor, tl.where(den > 0, dnorm, -dnorm), 0.0)
-    tl.store(inv_norm_ptr + gate_row + offs_t, 1.0 / norm, mask=valid)
+    tl.store(inv_norm_ptr + gate_row + offs_t, inv_norm, mask=valid)
     tl.store(dden_ptr + gate_row + offs_t, dden, mask=valid)
 
 
@@ -394,8 +448,10 @@ def _bwd_states_kernel(
         tl.store(c_ptrs, _cast(dcst, dcst_ptr.dtype.element_ty))
         tl.store(dnst_base + c * DH + offs_k, dnst, mask=(offs_k < DH) & writes_dnst)
 
-        offs_t, valid, b_hi, b_lo, m, ig, m_prev, bh_last, bl_last, m_last = _load_chunk_gates(
-            gate_ptr, gate_row, BHS, ig_base, stride_is, c, S, L
+        offs_t = c * L + tl.arange(0, L)
+        valid = offs_t < S
+        b_hi, b_lo, m, ig, m_prev, bh_last, bl_last, m_last = _load_chunk_gates(
+            gate_ptr, gate_row, BHS, ig_base, stride_is, offs_t, valid, c, S, L
         )
         a, _, decay = _state_weights(b_hi, b_lo, m, ig, valid, m_prev, bh_last, bl_last, m_last)
         inv_norm = tl.load(inv_norm_ptr + gate_row + offs_t, mask=valid, other=0.0)
@@ -452,12 +508,15 @@ def _bwd_grads_kernel(
     state_off = (pid_bh.to(tl.int64) * NC + c) * DH * DH
     vec_off = (pid_bh.to(tl.int64) * NC + c) * DH
 
-    offs_t, valid, b_hi, b_lo, m, ig, m_prev, bh_last, bl_last, m_last = _load_chunk_gates(
-        gate_ptr, gate_row, BHS, ig_ptr + i_b * stride_ib + i_h * stride_ih, stride_is, c, S, L
+    offs_l = tl.arange(0, L)
+    offs_t = c * L + offs_l
+    valid = offs_t < S
+    b_hi, b_lo, m, ig, m_prev, bh_last, bl_last, m_last = _load_chunk_gates(
+        gate_ptr, gate_row, BHS, ig_ptr + i_b * stride_ib + i_h * stride_ih, stride_is,
+        offs_t, valid, c, S, L,
     )
     inv_norm = tl.load(inv_norm_ptr + gate_row + offs_t, mask=valid, other=0.0)
     dden = tl.load(dden_ptr + gate_row + offs_t, mask=valid, other=0.0)
-    offs_l = tl.arange(0, L)
     offs_d = pid_t * BD + tl.arange(0, BD)
 
     scores = tl.zeros([L, L], dtype=tl.float32)  # q_i . k_j
@@ -633,53 +692,52 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _launch_states(k, v, igate, fgate, gates, L, store_gates):
-    """Chunk-start states (BH, NC, DH, DH) in the input dtype and normalizer states (BH, NC, DH)."""
+def _launch_states(k, v, igate, fgate, L):
+    """Gate planes (3, BH, S) = (b_hi, b_lo, m) in float32, chunk-start states (BH, NC, DH, DH) in
+    the input dtype and normalizer states (BH, NC, DH) in float32."""
     B, NH, S, DH = k.shape
     NC = triton.cdiv(S, L)
     BD = _pow2_block(DH, 64)
+    gates = torch.empty(3, B * NH, S, device=k.device, dtype=torch.float32)
     cst = torch.empty(B * NH, NC, DH, DH, device=k.device, dtype=k.dtype)
     nst = torch.empty(B * NH, NC, DH, device=k.device, dtype=torch.float32)
     wrap_triton(_fwd_states_kernel)[(DH // BD, DH // BD, B * NH)](
         k, v, igate, fgate, gates, cst, nst,
         *_strides4(k), *_strides4(v), *_strides3(igate), *_strides3(fgate),
         NH, S, NC,
-        DH=DH, L=L, BD=BD, STORE_GATES=store_gates, **_dot_config(k.dtype),
+        DH=DH, L=L, BD=BD, **_dot_config(k.dtype),
     )
-    return cst, nst
+    return gates, cst, nst
 
 
 @triton_op("vil::mlstm_chunkwise_fwd", mutates_args={})
 def _mlstm_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
     chunk_size: int, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns h and, for the backward pass, the gate planes (3, BH, S) = (b_hi, b_lo, m) and
-    den (BH, S), all float32."""
+) -> torch.Tensor:
     B, NH, S, DH = q.shape
     L = _chunk_len(chunk_size, S)
     NC = triton.cdiv(S, L)
-    gates = torch.empty(3, B * NH, S, device=q.device, dtype=torch.float32)
-    den = torch.empty(B * NH, S, device=q.device, dtype=torch.float32)
     h = torch.empty_like(v)
-    cst, nst = _launch_states(k, v, igate, fgate, gates, L, store_gates=True)
+    gates, cst, nst = _launch_states(k, v, igate, fgate, L)
 
     BK, BV = _pow2_block(DH, 64), _pow2_block(DH, 128)
     wrap_triton(_fwd_output_kernel)[(DH // BV, NC, B * NH)](
-        q, k, v, igate, gates, cst, nst, h, den,
+        q, k, v, igate, gates, cst, nst, h,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(h), *_strides3(igate),
         NH, S, NC, 1.0 / math.sqrt(DH), eps,
         DH=DH, L=L, BK=BK, BV=BV, **_dot_config(q.dtype),
     )
-    return h, gates, den
+    return h
 
 
 @triton_op("vil::mlstm_chunkwise_bwd", mutates_args={})
 def _mlstm_bwd(
     dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    igate: torch.Tensor, fgate: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, den: torch.Tensor,
-    chunk_size: int, eps: float,
+    igate: torch.Tensor, fgate: torch.Tensor, chunk_size: int, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Everything the forward pass computed besides h is recomputed (a small fraction of the work),
+    # so only the inputs are kept for the backward pass.
     B, NH, S, DH = q.shape
     BH = B * NH
     L = _chunk_len(chunk_size, S)
@@ -689,17 +747,16 @@ def _mlstm_bwd(
     scale = 1.0 / math.sqrt(DH)
     dots = _dot_config(q.dtype)
 
-    inv_norm = torch.empty_like(den)
-    dden = torch.empty_like(den)
-    BT = 64
-    wrap_triton(_bwd_prep_kernel)[(triton.cdiv(S, BT), BH)](
-        dh, h, den, gates, inv_norm, dden,
-        *_strides4(dh), *_strides4(h),
-        NH, S, eps,
-        DH=DH, BT=BT, BD=BD,
+    gates, cst, nst = _launch_states(k, v, igate, fgate, L)
+    inv_norm = torch.empty(BH, S, device=q.device, dtype=torch.float32)
+    dden = torch.empty_like(inv_norm)
+    wrap_triton(_bwd_norm_kernel)[(NC, BH)](
+        q, k, v, dh, igate, gates, cst, nst, inv_norm, dden,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh), *_strides3(igate),
+        NH, S, NC, scale, eps,
+        DH=DH, L=L, BD=BD, **dots,
     )
 
-    cst, nst = _launch_states(k, v, igate, fgate, gates, L, store_gates=False)
     dcst = torch.empty_like(cst)
     dnst = torch.empty_like(nst)
     wrap_triton(_bwd_states_kernel)[(NT, NT, BH)](
@@ -737,15 +794,14 @@ def _mlstm_bwd(
 
 def _setup_context(ctx, inputs, output):
     q, k, v, igate, fgate, chunk_size, eps = inputs
-    h, gates, den = output
-    ctx.save_for_backward(q, k, v, igate, fgate, h, gates, den)
+    ctx.save_for_backward(q, k, v, igate, fgate)
     ctx.chunk_size = chunk_size
     ctx.eps = eps
 
 
-def _backward(ctx, dh, _dgates, _dden):
-    q, k, v, igate, fgate, h, gates, den = ctx.saved_tensors
-    dq, dk, dv, dig, dfg = _mlstm_bwd(dh, q, k, v, igate, fgate, h, gates, den, ctx.chunk_size, ctx.eps)
+def _backward(ctx, dh):
+    q, k, v, igate, fgate = ctx.saved_tensors
+    dq, dk, dv, dig, dfg = _mlstm_bwd(dh, q, k, v, igate, fgate, ctx.chunk_size, ctx.eps)
     return dq, dk, dv, dig, dfg, None, None
 
 
@@ -782,5 +838,4 @@ def mlstm_chunkwise_triton(
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     if q.shape[2] == 0:
         return torch.empty_like(v)
-    h, _, _ = _mlstm_fwd(q, k, v, igate, fgate, chunk_size, eps)
-    return h
+    return _mlstm_fwd(q, k, v, igate, fgate, chunk_size, eps)
