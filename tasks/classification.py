@@ -49,7 +49,7 @@ class ClassificationModule(BackboneModule):
         else:
             loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
         self.check_finite(loss, self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
         return loss
 

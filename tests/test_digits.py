@@ -18,6 +18,8 @@ def test_digits_job_learns_and_writes_its_outputs(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     val_acc = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
     assert len(val_acc) == 8 and val_acc[-1] > val_acc[0]
+    train_loss = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(train_loss) == 8 and train_loss[-1] < train_loss[0]
 
 
 @pytest.mark.slow

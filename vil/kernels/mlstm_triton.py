@@ -14,22 +14,28 @@ chunk-local (``b``, the cumulative sum from the chunk start) and each boundary s
 the exact ``m`` at the chunk's last token. Global cumulative sums are never differenced, because they
 reach 1e4-1e5 for long sequences with strongly negative forget gates and would lose float32 accuracy.
 
-Kernels (grid axes in launch order, ``BH`` = batch * heads, ``NC`` = number of chunks):
+Kernels (grid axes in launch order, BH = batch * heads, NC = number of chunks, NT = DH / BD):
 
 forward
-    _fwd_states_kernel  (DH/BD, DH/BD, BH)  walks the chunks in order; computes the chunk-local
-                                            ``b`` and ``m`` and writes the state at every chunk start.
-    _fwd_output_kernel  (DH/BV, NC, BH)     one output tile per chunk, all chunks in parallel.
-backward
-    _fwd_states_kernel                      recomputes the states (not kept from the forward pass).
-    _bwd_prep_kernel    (S/BT, BH)          per-token normalizer gradient (needs a full-DH reduction).
-    _bwd_states_kernel  (DH/BD, DH/BD, BH)  walks the chunks in reverse for the state gradients.
-    _bwd_grads_kernel   (DH/BD, NC, BH)     dq, dk, dv for one DH tile of one chunk, plus per-token
-                                            pieces of the input-gate gradient.
-    _bwd_gates_kernel   (BH,)               gate gradients (needs a reverse cumulative sum over S).
+    _fwd_states_kernel  (NT, NT, BH)    walks the chunks in order per (k-tile, v-tile) of the state;
+                                        computes the gate prefix sums (b, m) and writes the state at
+                                        every chunk start: (BH, NC, DH, DH) + (BH, NC, DH).
+    _fwd_output_kernel  (DH/BV, NC, BH) one output tile per chunk, all chunks in parallel.
+backward (only q, k, v and the gates are kept from the forward pass; the rest is recomputed)
+    _fwd_states_kernel                  as above.
+    _bwd_norm_kernel    (NC, BH)        per token: 1/n and the gradient reaching den through n.
+    _bwd_states_kernel  (NT, NT, BH)    walks the chunks in reverse and writes the gradient of the
+                                        state at every chunk end.
+    _bwd_grads_kernel   (NT, NC, BH)    dq, dk, dv of one DH tile of one chunk and that tile's share
+                                        of the per-token gate-gradient sums, (NT, BH, S).
+    _bwd_gates_kernel   (S/BT, BH)      sums the shares, applies d logsigmoid.
 
-Only per-chunk boundary states are stored, so memory grows linearly with the sequence length.
-The stabilizer ``m`` is treated as a constant in the backward pass.
+Memory is linear in the sequence length: one DH x DH state per chunk, no S x S matrices.
+The stabilizer m is treated as a constant in the backward pass: it cancels from h except through
+eps, which the gradient ignores.
+
+Half-precision inputs use half-precision tensor-core operands with float32 accumulation; float32
+inputs use exact float32 products (no tf32).
 """
 from __future__ import annotations
 
@@ -173,8 +179,6 @@ def _fwd_states_kernel(
     offs_l = tl.arange(0, L)
     offs_k = pid_k * BD + tl.arange(0, BD)
     offs_v = pid_v * BD + tl.arange(0, BD)
-    writes_gates = (pid_k == 0) & (pid_v == 0)
-    writes_nst = pid_v == 0
 
     cst = tl.zeros([BD, BD], dtype=tl.float32)
     nst = tl.zeros([BD], dtype=tl.float32)
@@ -192,16 +196,17 @@ def _fwd_states_kernel(
         m = b + tl.maximum(tl.associative_scan(ig - b, 0, _max_combine), m_prev)
         b_last = tl.sum(tl.where(offs_l == L - 1, b, 0.0))
         m_last = tl.sum(tl.where(offs_l == L - 1, m, 0.0))
-        b_hi = b.to(tl.float32)
-        b_lo = (b - b_hi.to(tl.float64)).to(tl.float32)
-        store = valid & writes_gates
-        tl.store(bh_row + offs_t, b_hi, mask=store)
-        tl.store(bh_row + BHS + offs_t, b_lo, mask=store)
-        tl.store(bh_row + 2 * BHS + offs_t, m.to(tl.float32), mask=store)
+        if (pid_k == 0) & (pid_v == 0):
+            b_hi = b.to(tl.float32)
+            b_lo = (b - b_hi.to(tl.float64)).to(tl.float32)
+            tl.store(bh_row + offs_t, b_hi, mask=valid)
+            tl.store(bh_row + BHS + offs_t, b_lo, mask=valid)
+            tl.store(bh_row + 2 * BHS + offs_t, m.to(tl.float32), mask=valid)
 
         c_ptrs = cst_base + c * DH * DH + offs_k[:, None] * DH + offs_v[None, :]
         tl.store(c_ptrs, _cast(cst, cst_ptr.dtype.element_ty))
-        tl.store(nst_base + c * DH + offs_k, nst, mask=(offs_k < DH) & writes_nst)
+        if pid_v == 0:
+            tl.store(nst_base + c * DH + offs_k, nst)
 
         # Carry the state to the end of chunk c, stabilized by m_last.
         decay = tl.exp(b_last + m_prev - m_last).to(tl.float32)
@@ -438,7 +443,6 @@ def _bwd_states_kernel(
 
     offs_k = pid_k * BD + tl.arange(0, BD)
     offs_v = pid_v * BD + tl.arange(0, BD)
-    writes_dnst = pid_v == 0
 
     dcst = tl.zeros([BD, BD], dtype=tl.float32)
     dnst = tl.zeros([BD], dtype=tl.float32)
@@ -446,7 +450,8 @@ def _bwd_states_kernel(
         c = NC - 1 - i
         c_ptrs = dcst_base + c * DH * DH + offs_k[:, None] * DH + offs_v[None, :]
         tl.store(c_ptrs, _cast(dcst, dcst_ptr.dtype.element_ty))
-        tl.store(dnst_base + c * DH + offs_k, dnst, mask=(offs_k < DH) & writes_dnst)
+        if pid_v == 0:
+            tl.store(dnst_base + c * DH + offs_k, dnst)
 
         offs_t = c * L + tl.arange(0, L)
         valid = offs_t < S
@@ -525,7 +530,7 @@ def _bwd_grads_kernel(
     v_dcst = tl.zeros([L, BD], dtype=tl.float32)  # (dCst v_j)[tile], dCst = grad of chunk-end state
     k_dcst = tl.zeros([L, BD], dtype=tl.float32)  # (dCst^T k_j)[tile]
     k_dnst = tl.zeros([L], dtype=tl.float32)  # k_j . dnst
-    state_dot = tl.zeros([BD, BD], dtype=tl.float32)  # Cst * dCst, rows of this tile
+    state_dot = tl.zeros([], dtype=tl.float32)  # <Cst, dCst> over the rows of this tile
     for u in range(0, DH, BD):
         offs_u = u + tl.arange(0, BD)
         q_u = tl.load(
@@ -554,7 +559,7 @@ def _bwd_grads_kernel(
         v_dcst = _dot(v_u, tl.trans(dcst_du), v_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
         k_dcst = _dot(k_u, dcst_ud, k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
         k_dnst += tl.sum(k_u.to(tl.float32) * dnst_u[None, :], 1)
-        state_dot += cst_du.to(tl.float32) * dcst_du.to(tl.float32)
+        state_dot += tl.sum(tl.sum(cst_du.to(tl.float32) * dcst_du.to(tl.float32), 1), 0)
 
     a, w, decay_state = _state_weights(b_hi, b_lo, m, ig, valid, m_prev, bh_last, bl_last, m_last)
     causal = (offs_l[:, None] >= offs_l[None, :]) & valid[:, None]
@@ -592,7 +597,7 @@ def _bwd_grads_kernel(
     before = offs_l[None, :] < offs_l[:, None]  # [l, x]: x < l
     spanning = tl.sum(tl.where(before, col_inter[None, :], 0.0), 1)
     spanning += tl.sum(tl.where(before, 0.0, row_inter[None, :]), 1)
-    passing = decay_state * (tl.sum(tl.sum(state_dot, 1), 0) + tl.sum(nst_t * dnst_t, 0))
+    passing = decay_state * (state_dot + tl.sum(nst_t * dnst_t, 0))
     g = dcmat * cmat  # G_ij inside the chunk
     # [l, j] = sum_{i >= l} G_ij; its sum over j < l is the intra-chunk spanning sum for l.
     g_below = tl.cumsum(g, 0, reverse=True)
