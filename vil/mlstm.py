@@ -156,6 +156,12 @@ def mlstm(q, k, v, igate, fgate, form: str = "parallel", chunk_size: int = 64, e
     if form == "triton":
         from vil.kernels.mlstm_triton import mlstm_chunkwise_triton
 
+        if torch.is_autocast_enabled(q.device.type):
+            # A custom kernel is invisible to autocast: give it the half-precision operands that autocast
+            # would have given a matmul (q, k, v come out of float32 elementwise projections).
+            half = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(half), k.to(half), v.to(half)
+
         return mlstm_chunkwise_triton(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps)
     raise ValueError(f"unknown mlstm form {form!r}; choose one of {MLSTM_FORMS}")
 

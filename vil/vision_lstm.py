@@ -96,8 +96,9 @@ class BlockDiagonalLinear(nn.Module):
     def forward(self, x):
         # A broadcast multiply-and-sum over 4 inputs: elementwise work that torch.compile fuses with its
         # neighbours, where a batched matmul of 4x4 blocks would be a slow separate kernel.
-        out = (x.unflatten(-1, (-1, 1, self.block_size)) * self.weight).sum(-1).flatten(-2)
-        return out + self.bias if self.bias is not None else out
+        # Weights follow the activations' dtype so that under autocast the output stays half precision.
+        out = (x.unflatten(-1, (-1, 1, self.block_size)) * self.weight.to(x.dtype)).sum(-1).flatten(-2)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
 
 
 class CausalConv1d(nn.Module):
