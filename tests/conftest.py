@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. Set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REFERENCE_DIR = Path(os.environ.get("VIL_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
 
