@@ -34,8 +34,12 @@ Memory is linear in the sequence length: one DH x DH state per chunk, no S x S m
 The stabilizer m is treated as a constant in the backward pass: it cancels from h except through
 eps, which the gradient ignores.
 
-Half-precision inputs use half-precision tensor-core operands with float32 accumulation; float32
-inputs use exact float32 products (no tf32).
+Precision: half-precision inputs use half-precision tensor-core operands with float32 accumulation;
+float32 inputs use exact float32 products (no tf32). Rows with |den| much smaller than sum_j |C_ij|
+amplify rounding errors, the gradients by the square of that ratio. So the backward pass does not
+reuse the forward's rounded h but recomputes den and dh . num, keeps the states in float32, and
+splits the few products behind the normalizer and gate gradients into two half-precision products
+(about 16 mantissa bits) instead of one.
 """
 from __future__ import annotations
 
@@ -86,10 +90,22 @@ def _cast(x, dtype: tl.constexpr):
 def _dot(a, b, acc, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # Operands are rounded to the input dtype (bf16/fp16/fp32) as on the GPU. DOT_DTYPE differs from
     # OP_DTYPE only under the CPU interpreter, whose half-precision tl.dot is unreliable.
+    # acc is cast because under torch.compile a Python-float argument (the key scale) can arrive as
+    # float64 and promote the accumulator with it.
     return tl.dot(
-        _cast(a, OP_DTYPE).to(DOT_DTYPE), _cast(b, OP_DTYPE).to(DOT_DTYPE), acc,
+        _cast(a, OP_DTYPE).to(DOT_DTYPE), _cast(b, OP_DTYPE).to(DOT_DTYPE), acc.to(tl.float32),
         input_precision=PRECISION,
     )
+
+
+@triton.jit
+def _dot_split(a, b, acc, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    # a @ b for a float32 b that must keep ~16 mantissa bits with half-precision operands: b is
+    # split into a rounded part and its remainder, two tensor-core products instead of one.
+    acc = _dot(a, b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
+    if OP_DTYPE != tl.float32:
+        acc = _dot(a, b - _cast(b, OP_DTYPE).to(tl.float32), acc, OP_DTYPE, DOT_DTYPE, PRECISION)
+    return acc
 
 
 @triton.jit
@@ -321,7 +337,8 @@ def _fwd_output_kernel(
 @triton.autotune(configs=_autotune_configs((4, 8), (1, 2)), key=["S", "DH", "L"])
 @triton.jit
 def _bwd_norm_kernel(
-    q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr, gate_ptr, cst_ptr, nst_ptr, inv_norm_ptr, dden_ptr,
+    q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr, gate_ptr, cst_ptr, nst_ptr,
+    inv_norm_ptr, dden_ptr, row_inter_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -331,12 +348,13 @@ def _bwd_norm_kernel(
     DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per token of chunk c: 1/n and dden = -(dh . num) / n^2 * d|den|/dden (0 where the max picks
-    exp(-m)).
+    """Per token of chunk c: 1/n, dden = -(dh . num) / n^2 * d|den|/dden (0 where the max picks
+    exp(-m)) and row_inter_i = sum_{j before the chunk} G_ij = q_i . dq_i(inter), which needs the
+    same products.
 
     den and dh . num are recomputed from the same float32 quantities the other backward kernels
     use, rather than taken from the rounded forward output: rows with |den| much smaller than the
-    sum of |C_ij| amplify any mismatch between the two.
+    sum of |C_ij| amplify any mismatch between the two. The chunk-start states are float32 here.
     """
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -395,7 +413,8 @@ def _bwd_norm_kernel(
                 mask=valid[:, None], other=0.0,
             )
             cst_uw = tl.load(cst_base + offs_u[:, None] * DH + offs_w[None, :])
-            q_cst = _dot(q_u, cst_uw, q_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
+            # Split product: dden ~ 1/n^2 amplifies the error of dh . num in rows with small |den|.
+            q_cst = _dot_split(q_u, cst_uw, q_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
         dh_w = tl.load(
             dh_base + offs_t[:, None] * stride_ds + offs_w[None, :] * stride_dd,
             mask=valid[:, None], other=0.0,
@@ -412,8 +431,10 @@ def _bwd_norm_kernel(
     inv_norm = 1.0 / (tl.maximum(tl.abs(den), floor) + eps)
     dnorm = -dh_num * inv_norm * inv_norm
     dden = tl.where(tl.abs(den) > floor, tl.where(den > 0, dnorm, -dnorm), 0.0)
+    row_inter = scale * a * (dh_q_cst * inv_norm + dden * q_nst)
     tl.store(inv_norm_ptr + gate_row + offs_t, inv_norm, mask=valid)
     tl.store(dden_ptr + gate_row + offs_t, dden, mask=valid)
+    tl.store(row_inter_ptr + gate_row + offs_t, row_inter, mask=valid)
 
 
 @triton.autotune(configs=_autotune_configs((2, 4, 8), (1, 2)), key=["S", "DH", "L"])
@@ -469,9 +490,13 @@ def _bwd_states_kernel(
             dh_base + offs_t[:, None] * stride_ds + offs_v[None, :] * stride_dd,
             mask=valid[:, None], other=0.0,
         )
-        # Row factors go on q so that dh enters the product unrounded.
+        # Row factors go on q so that dh enters the product unrounded; the scaled q is split into
+        # two half-precision parts because the gate gradients need dCst to ~16 bits.
         qa = q_c * (scale * a * inv_norm)[:, None]
         dcst = _dot(tl.trans(qa), dh_c, dcst * decay, OP_DTYPE, DOT_DTYPE, PRECISION)
+        if OP_DTYPE != tl.float32:
+            qa_lo = qa - _cast(qa, OP_DTYPE).to(tl.float32)
+            dcst = _dot(tl.trans(qa_lo), dh_c, dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
         dnst = dnst * decay + tl.sum(q_c * (scale * a * dden)[:, None], 0)
 
 
@@ -479,7 +504,7 @@ def _bwd_states_kernel(
 @triton.jit
 def _bwd_grads_kernel(
     q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr,
-    gate_ptr, inv_norm_ptr, dden_ptr,
+    gate_ptr, inv_norm_ptr, dden_ptr, row_inter_ptr,
     cst_ptr, nst_ptr, dcst_ptr, dnst_ptr,
     dq_ptr, dk_ptr, dv_ptr, dig_part_ptr, dlogf_part_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -556,7 +581,8 @@ def _bwd_grads_kernel(
         scores = _dot(q_u, tl.trans(k_u), scores, OP_DTYPE, DOT_DTYPE, PRECISION)
         dh_v = _dot(dh_u, tl.trans(v_u), dh_v, OP_DTYPE, DOT_DTYPE, PRECISION)
         dh_cst = _dot(dh_u, tl.trans(cst_du), dh_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
-        v_dcst = _dot(v_u, tl.trans(dcst_du), v_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
+        # Split product: it feeds the forget-gate gradient, which can be a small difference.
+        v_dcst = _dot_split(v_u, tl.trans(dcst_du), v_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
         k_dcst = _dot(k_u, dcst_ud, k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
         k_dnst += tl.sum(k_u.to(tl.float32) * dnst_u[None, :], 1)
         state_dot += tl.sum(tl.sum(cst_du.to(tl.float32) * dcst_du.to(tl.float32), 1), 0)
@@ -590,21 +616,23 @@ def _bwd_grads_kernel(
     dk = _dot(tl.trans(dscores), q_t, dk_inter, OP_DTYPE, DOT_DTYPE, PRECISION)
     dv = _dot(tl.trans(cmat * inv_norm[:, None]), dh_t, w[:, None] * k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
 
-    # Gate gradients (see the note above the backward kernels); the row/column sums through the
-    # states are this tile's share, the intra-chunk terms are added by tile 0.
-    row_inter = tl.sum(q_t.to(tl.float32) * dq_inter, 1)  # sum_{j < s} G_ij
+    # Gate gradients (see the note above the backward kernels): this tile's share of the column
+    # sums through the chunk-end state and of the pass-through term; tile 0 adds the terms that
+    # need no DH reduction here (the row sums through the chunk-start state come from
+    # _bwd_norm_kernel).
     col_inter = tl.sum(k_t.to(tl.float32) * dk_inter, 1)  # sum_{i > e} G_ij
     before = offs_l[None, :] < offs_l[:, None]  # [l, x]: x < l
-    spanning = tl.sum(tl.where(before, col_inter[None, :], 0.0), 1)
-    spanning += tl.sum(tl.where(before, 0.0, row_inter[None, :]), 1)
     passing = decay_state * (state_dot + tl.sum(nst_t * dnst_t, 0))
-    g = dcmat * cmat  # G_ij inside the chunk
-    # [l, j] = sum_{i >= l} G_ij; its sum over j < l is the intra-chunk spanning sum for l.
-    g_below = tl.cumsum(g, 0, reverse=True)
-    intra_spanning = tl.sum(tl.where(before, g_below, 0.0), 1)
-    first = pid_t == 0
-    dig_part = col_inter + tl.where(first, tl.sum(g, 0), 0.0)
-    dlogf_part = spanning + passing + tl.where(first, intra_spanning, 0.0)
+    dig_part = col_inter
+    dlogf_part = tl.sum(tl.where(before, col_inter[None, :], 0.0), 1) + passing
+    if pid_t == 0:
+        row_inter = tl.load(row_inter_ptr + gate_row + offs_t, mask=valid, other=0.0)
+        g = dcmat * cmat  # G_ij inside the chunk
+        # [l, j] = sum_{i >= l} G_ij; its sum over j < l is the intra-chunk spanning sum for l.
+        g_below = tl.cumsum(g, 0, reverse=True)
+        dig_part += tl.sum(g, 0)
+        dlogf_part += tl.sum(tl.where(before, g_below, 0.0), 1)
+        dlogf_part += tl.sum(tl.where(before, 0.0, row_inter[None, :]), 1)
 
     dq_base = dq_ptr + i_b * stride_dqb + i_h * stride_dqh
     dk_base = dk_ptr + i_b * stride_dkb + i_h * stride_dkh
@@ -697,14 +725,23 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _launch_states(k, v, igate, fgate, L):
+def _empty_heads_like(x: torch.Tensor) -> torch.Tensor:
+    # A (B, NH, S, DH) tensor laid out like x: token-major memory (B, S, NH, DH) when x is a
+    # transposed view of per-token features, so that the caller's reshape back is free.
+    if x.stride(1) < x.stride(2):
+        B, NH, S, DH = x.shape
+        return torch.empty(B, S, NH, DH, device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
+def _launch_states(k, v, igate, fgate, L, state_dtype):
     """Gate planes (3, BH, S) = (b_hi, b_lo, m) in float32, chunk-start states (BH, NC, DH, DH) in
-    the input dtype and normalizer states (BH, NC, DH) in float32."""
+    state_dtype and normalizer states (BH, NC, DH) in float32."""
     B, NH, S, DH = k.shape
     NC = triton.cdiv(S, L)
     BD = _pow2_block(DH, 64)
     gates = torch.empty(3, B * NH, S, device=k.device, dtype=torch.float32)
-    cst = torch.empty(B * NH, NC, DH, DH, device=k.device, dtype=k.dtype)
+    cst = torch.empty(B * NH, NC, DH, DH, device=k.device, dtype=state_dtype)
     nst = torch.empty(B * NH, NC, DH, device=k.device, dtype=torch.float32)
     wrap_triton(_fwd_states_kernel)[(DH // BD, DH // BD, B * NH)](
         k, v, igate, fgate, gates, cst, nst,
@@ -723,8 +760,9 @@ def _mlstm_fwd(
     B, NH, S, DH = q.shape
     L = _chunk_len(chunk_size, S)
     NC = triton.cdiv(S, L)
-    h = torch.empty_like(v)
-    gates, cst, nst = _launch_states(k, v, igate, fgate, L)
+    h = _empty_heads_like(v)
+    # The output kernel rounds the states to the input dtype anyway; store them that way.
+    gates, cst, nst = _launch_states(k, v, igate, fgate, L, state_dtype=k.dtype)
 
     BK, BV = _pow2_block(DH, 64), _pow2_block(DH, 128)
     wrap_triton(_fwd_output_kernel)[(DH // BV, NC, B * NH)](
@@ -752,11 +790,12 @@ def _mlstm_bwd(
     scale = 1.0 / math.sqrt(DH)
     dots = _dot_config(q.dtype)
 
-    gates, cst, nst = _launch_states(k, v, igate, fgate, L)
+    gates, cst, nst = _launch_states(k, v, igate, fgate, L, state_dtype=torch.float32)
     inv_norm = torch.empty(BH, S, device=q.device, dtype=torch.float32)
     dden = torch.empty_like(inv_norm)
+    row_inter = torch.empty_like(inv_norm)
     wrap_triton(_bwd_norm_kernel)[(NC, BH)](
-        q, k, v, dh, igate, gates, cst, nst, inv_norm, dden,
+        q, k, v, dh, igate, gates, cst, nst, inv_norm, dden, row_inter,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh), *_strides3(igate),
         NH, S, NC, scale, eps,
         DH=DH, L=L, BD=BD, **dots,
@@ -771,13 +810,11 @@ def _mlstm_bwd(
         DH=DH, L=L, BD=BD, **dots,
     )
 
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq, dk, dv = _empty_heads_like(q), _empty_heads_like(k), _empty_heads_like(v)
     dig_part = torch.empty(NT, BH, S, device=q.device, dtype=torch.float32)
     dlogf_part = torch.empty_like(dig_part)
     wrap_triton(_bwd_grads_kernel)[(NT, NC, BH)](
-        q, k, v, dh, igate, gates, inv_norm, dden, cst, nst, dcst, dnst,
+        q, k, v, dh, igate, gates, inv_norm, dden, row_inter, cst, nst, dcst, dnst,
         dq, dk, dv, dig_part, dlogf_part,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh), *_strides3(igate),
         *_strides4(dq), *_strides4(dk), *_strides4(dv),
@@ -842,5 +879,5 @@ def mlstm_chunkwise_triton(
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     if q.shape[2] == 0:
-        return torch.empty_like(v)
+        return _empty_heads_like(v)
     return _mlstm_fwd(q, k, v, igate, fgate, chunk_size, eps)
