@@ -3,7 +3,7 @@ import torch
 
 import vil
 from vil.checkpoint import CheckpointError
-from vil.vision_lstm import traversal_order
+from vil.vision_lstm import TRAVERSALS, from_traversal, to_traversal, traversal_order
 
 SMALL = dict(dim=32, depth=2, patch_size=4, img_size=16, num_classes=5)
 
@@ -127,6 +127,15 @@ def test_causality_depends_on_traversal():
     assert uni[torch.ones_like(uni).tril()].all(), "each token sees every earlier token"
     bi = _token_jacobian_mask(vil.create_model("vil2_nano", traversal="bi", **kwargs), (4, 4))
     assert bi.all(), "a bi-directional model sees every token from every token"
+
+
+@pytest.mark.parametrize("direction", TRAVERSALS["oct"])
+def test_traversal_reordering_matches_the_token_order(direction):
+    x = torch.randn(2, 3 * 5, 4)
+    order, _ = traversal_order(direction, (3, 5))
+    y = to_traversal(x, direction, (3, 5))
+    assert torch.equal(y, x[:, order])
+    assert torch.equal(from_traversal(y, direction, (3, 5)), x)
 
 
 def test_flipping_is_exact():

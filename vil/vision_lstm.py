@@ -59,6 +59,38 @@ def traversal_order(direction: str, grid: tuple[int, int], device=None) -> tuple
     return torch.tensor(order, device=device), shape
 
 
+def to_traversal(x: torch.Tensor, direction: str, grid: tuple[int, int]) -> torch.Tensor:
+    """Reorder row-major tokens (B, H*W, C) into the order ``direction`` visits them (= indexing with
+    ``traversal_order``), with flips and transposes: their backward passes are plain copies, where an
+    index's backward is a scatter."""
+    B, _, C = x.shape
+    H, W = grid
+    axis, start = direction.split("_from_")
+    if axis == "colwise" or start in ("top_right", "bot_left"):
+        g = x.view(B, H, W, C)
+        if start in ("top_right", "bot_left"):
+            g = g.flip(2)
+        if axis == "colwise":
+            g = g.transpose(1, 2)
+        x = g.reshape(B, H * W, C)
+    return x.flip(1) if start in ("bot_right", "bot_left") else x
+
+
+def from_traversal(x: torch.Tensor, direction: str, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``to_traversal``."""
+    B, _, C = x.shape
+    H, W = grid
+    axis, start = direction.split("_from_")
+    if start in ("bot_right", "bot_left"):
+        x = x.flip(1)
+    if axis == "colwise" or start in ("top_right", "bot_left"):
+        g = x.view(B, W, H, C).transpose(1, 2) if axis == "colwise" else x.view(B, H, W, C)
+        if start in ("top_right", "bot_left"):
+            g = g.flip(2)
+        x = g.reshape(B, H * W, C)
+    return x
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------------
@@ -196,13 +228,12 @@ class MLSTMBlock(nn.Module):
 
     def branch(self, x, layout):
         """The residual branch in original token order; ``layout`` maps directions to token orders."""
-        order, inverse, grid, patch_index = layout[self.direction]
+        order, inverse, grid, patch_index, image_grid = layout[self.direction]
         x = self.norm(x)
-        if order is not None:
-            x = x[:, order]
-        x = self.layer(x, grid, patch_index)
-        if inverse is not None:
-            x = x[:, inverse]
+        if order is None:  # patch tokens only: reorder by flips and transposes
+            x = from_traversal(self.layer(to_traversal(x, self.direction, image_grid), grid), self.direction, image_grid)
+        else:
+            x = self.layer(x[:, order], grid, patch_index)[:, inverse]
         return self.drop_path(x)
 
     def forward(self, x, layout):
@@ -405,7 +436,8 @@ class VisionLSTM(nn.Module):
         }[self.cls_tokens]
 
     def _layout(self, grid: tuple[int, int], device) -> dict:
-        """For every direction in use: token order, its inverse, the traversal grid and patch positions."""
+        """For every direction in use: token order and its inverse (None when only patch tokens are reordered,
+        by flips and transposes), the traversal's grid, the patch positions and the image's token grid."""
         layout = {}
         num_patches = grid[0] * grid[1]
         slots = self._cls_slots(num_patches)
@@ -414,27 +446,23 @@ class VisionLSTM(nn.Module):
             if d in layout:
                 continue
             perm_list, dgrid = _traversal_order(d, *grid)
-            perm = torch.tensor(perm_list, device=device)
-            if not slots and d == "rowwise_from_top_left":
-                layout[d] = (None, None, dgrid, None)
+            if not slots:
+                layout[d] = (None, None, dgrid, None, grid)
                 continue
-            if slots:
-                # Keep [CLS] tokens at their slots of the forward traversal; reversed traversals mirror all.
-                # Index lists are built in Python so that torch.compile sees constants, not data-dependent ops.
-                reverse = d.endswith(("bot_right", "bot_left"))
-                fwd = perm_list[::-1] if reverse else perm_list
-                n = num_patches + len(slots)
-                canon_patches = [i for i in range(n) if i not in slots]
-                patches = iter(canon_patches[p] for p in fwd)
-                order = [i if i in slots else next(patches) for i in range(n)]
-                slot_set = set(slots)
-                if reverse:
-                    order = order[::-1]
-                patch_index = torch.tensor([t for t, i in enumerate(order) if i not in slot_set], device=device)
-                order = torch.tensor(order, device=device)
-            else:
-                order, patch_index = perm, None
-            layout[d] = (order, torch.argsort(order), dgrid, patch_index)
+            # Keep [CLS] tokens at their slots of the forward traversal; reversed traversals mirror all.
+            # Index lists are built in Python so that torch.compile sees constants, not data-dependent ops.
+            reverse = d.endswith(("bot_right", "bot_left"))
+            fwd = perm_list[::-1] if reverse else perm_list
+            n = num_patches + len(slots)
+            canon_patches = [i for i in range(n) if i not in slots]
+            patches = iter(canon_patches[p] for p in fwd)
+            order = [i if i in slots else next(patches) for i in range(n)]
+            slot_set = set(slots)
+            if reverse:
+                order = order[::-1]
+            patch_index = torch.tensor([t for t, i in enumerate(order) if i not in slot_set], device=device)
+            order = torch.tensor(order, device=device)
+            layout[d] = (order, torch.argsort(order), dgrid, patch_index, grid)
         return layout
 
     # -- forward -------------------------------------------------------------------------------------------------------
