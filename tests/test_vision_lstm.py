@@ -223,3 +223,18 @@ def test_torch_compile_traces_without_graph_breaks(variant):
     model = vil.create_model("vil2_nano", dim=32, depth=2, img_size=16, mlstm_form="chunkwise", **variant)
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("traversal,graphs", [("bi", 1), ("quad", 2)])
+def test_compile_blocks_shares_one_graph_per_traversal_pattern(traversal, graphs):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = vil.create_model("vil2_nano", dim=32, depth=4, img_size=16, mlstm_form="chunkwise", traversal=traversal)
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    model.compile_blocks(backend="eager", fullgraph=True)
+    torch.testing.assert_close(model(x), expected)
+    # quad alternates two pairs of directions over the pairs: one graph for each
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -36,14 +36,16 @@ eps, which the gradient ignores.
 
 Precision: half-precision inputs use half-precision tensor-core operands with float32 accumulation;
 float32 inputs use exact float32 products (no tf32). Rows with |den| much smaller than sum_j |C_ij|
-amplify rounding errors, the gradients by the square of that ratio. So the backward pass does not
-reuse the forward's rounded h but recomputes den and dh . num, keeps the states in float32, and
-splits the few products behind the normalizer and gate gradients into two half-precision products
-(about 16 mantissa bits) instead of one.
+amplify rounding errors, the gradients by the square of that ratio. So the states stay in float32,
+the backward pass does not reuse the forward's rounded h but recomputes den and dh . num, and every
+product with a float32 operand (decay-weighted scores, states, state gradients) is split into two
+half-precision products (about 16 mantissa bits) instead of one; products of two inputs (q k^T, the
+gradients' products with dh) are exact in one.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -61,9 +63,14 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 _EMULATE_BF16_RNE = tl.constexpr(_INTERPRET)
 
 
+# VIL_TRITON_AUTOTUNE=0 skips the search over launch configurations (it compiles every candidate once
+# per shape, which takes a while): each kernel then runs with 4 warps and its first pipeline depth.
+_AUTOTUNE = os.environ.get("VIL_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _autotune_configs(warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
-    if _INTERPRET:  # every config would run the (slow) interpreter once per call signature
-        return [triton.Config({}, num_warps=4, num_stages=1)]
+    if _INTERPRET or not _AUTOTUNE:  # the interpreter would run every candidate once per call signature
+        return [triton.Config({}, num_warps=4, num_stages=1 if _INTERPRET else stages[0])]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
 
 
@@ -105,6 +112,15 @@ def _dot_split(a, b, acc, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECI
     acc = _dot(a, b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
     if OP_DTYPE != tl.float32:
         acc = _dot(a, b - _cast(b, OP_DTYPE).to(tl.float32), acc, OP_DTYPE, DOT_DTYPE, PRECISION)
+    return acc
+
+
+@triton.jit
+def _dot_split_lhs(a, b, acc, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    # As _dot_split, for a float32 a.
+    acc = _dot(a, b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
+    if OP_DTYPE != tl.float32:
+        acc = _dot(a - _cast(a, OP_DTYPE).to(tl.float32), b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
     return acc
 
 
@@ -236,7 +252,7 @@ def _fwd_states_kernel(
             mask=valid[:, None], other=0.0,
         )
         kw = k_c.to(tl.float32) * w[:, None]
-        cst = _dot(tl.trans(kw), v_c, cst * decay, OP_DTYPE, DOT_DTYPE, PRECISION)
+        cst = _dot_split_lhs(tl.trans(kw), v_c, cst * decay, OP_DTYPE, DOT_DTYPE, PRECISION)
         nst = nst * decay + tl.sum(kw, 0)
         m_prev = m_last
 
@@ -250,7 +266,7 @@ def _fwd_output_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_hb, stride_hh, stride_hs, stride_hd,
     stride_ib, stride_ih, stride_is,
-    NH, S, NC, scale, eps,
+    NH, S, NC, scale: tl.constexpr, eps: tl.constexpr,
     DH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -293,7 +309,7 @@ def _fwd_output_kernel(
         cst_u = tl.load(cst_base + offs_u[:, None] * DH + offs_v[None, :])
         nst_u = tl.load(nst_base + offs_u)
         scores = _dot(q_u, tl.trans(k_u), scores, OP_DTYPE, DOT_DTYPE, PRECISION)
-        q_cst = _dot(q_u, cst_u, q_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
+        q_cst = _dot_split(q_u, cst_u, q_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
         q_nst += tl.sum(q_u.to(tl.float32) * nst_u[None, :], 1)
 
     a = tl.where(valid, tl.exp((b_hi + (m_prev - m)) + b_lo), 0.0)
@@ -305,7 +321,7 @@ def _fwd_output_kernel(
         v_base + offs_t[:, None] * stride_vs + offs_v[None, :] * stride_vd,
         mask=valid[:, None], other=0.0,
     )
-    num = _dot(p, v_c, q_cst * (scale * a)[:, None], OP_DTYPE, DOT_DTYPE, PRECISION)
+    num = _dot_split_lhs(p, v_c, q_cst * (scale * a)[:, None], OP_DTYPE, DOT_DTYPE, PRECISION)
     norm = tl.maximum(tl.abs(den), tl.exp(-m)) + eps
     h = num / norm[:, None]
     tl.store(
@@ -344,7 +360,7 @@ def _bwd_norm_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_db, stride_dh, stride_ds, stride_dd,
     stride_ib, stride_ih, stride_is,
-    NH, S, NC, scale, eps,
+    NH, S, NC, scale: tl.constexpr, eps: tl.constexpr,
     DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -444,7 +460,7 @@ def _bwd_states_kernel(
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_db, stride_dh, stride_ds, stride_dd,
     stride_ib, stride_ih, stride_is,
-    NH, S, NC, scale,
+    NH, S, NC, scale: tl.constexpr,
     DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -515,7 +531,7 @@ def _bwd_grads_kernel(
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    NH, S, NC, scale,
+    NH, S, NC, scale: tl.constexpr,
     DH: tl.constexpr, L: tl.constexpr, BD: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -583,7 +599,7 @@ def _bwd_grads_kernel(
         dh_cst = _dot(dh_u, tl.trans(cst_du), dh_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
         # Split product: it feeds the forget-gate gradient, which can be a small difference.
         v_dcst = _dot_split(v_u, tl.trans(dcst_du), v_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
-        k_dcst = _dot(k_u, dcst_ud, k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
+        k_dcst = _dot_split(k_u, dcst_ud, k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
         k_dnst += tl.sum(k_u.to(tl.float32) * dnst_u[None, :], 1)
         state_dot += tl.sum(tl.sum(cst_du.to(tl.float32) * dcst_du.to(tl.float32), 1), 0)
 
@@ -614,7 +630,7 @@ def _bwd_grads_kernel(
     dk_inter = w[:, None] * (v_dcst + dnst_t[None, :])
     dq = _dot(dscores, k_t, dq_inter, OP_DTYPE, DOT_DTYPE, PRECISION)
     dk = _dot(tl.trans(dscores), q_t, dk_inter, OP_DTYPE, DOT_DTYPE, PRECISION)
-    dv = _dot(tl.trans(cmat * inv_norm[:, None]), dh_t, w[:, None] * k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
+    dv = _dot_split_lhs(tl.trans(cmat * inv_norm[:, None]), dh_t, w[:, None] * k_dcst, OP_DTYPE, DOT_DTYPE, PRECISION)
 
     # Gate gradients (see the note above the backward kernels): this tile's share of the column
     # sums through the chunk-end state and of the pass-through term; tile 0 adds the terms that
@@ -761,10 +777,11 @@ def _mlstm_fwd(
     L = _chunk_len(chunk_size, S)
     NC = triton.cdiv(S, L)
     h = _empty_heads_like(v)
-    # The output kernel rounds the states to the input dtype anyway; store them that way.
-    gates, cst, nst = _launch_states(k, v, igate, fgate, L, state_dtype=k.dtype)
+    gates, cst, nst = _launch_states(k, v, igate, fgate, L, state_dtype=torch.float32)
 
     BK, BV = _pow2_block(DH, 64), _pow2_block(DH, 128)
+    # scale and eps are compile-time constants: as runtime floats, torch.compile's launcher would type them
+    # float64 and promote the gate arithmetic with them.
     wrap_triton(_fwd_output_kernel)[(DH // BV, NC, B * NH)](
         q, k, v, igate, gates, cst, nst, h,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(h), *_strides3(igate),
