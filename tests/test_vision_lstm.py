@@ -3,7 +3,7 @@ import torch
 
 import vil
 from vil.checkpoint import CheckpointError
-from vil.vision_lstm import TRAVERSALS, from_traversal, to_traversal, traversal_order
+from vil.vision_lstm import TRAVERSALS, BlockDiagonalLinear, from_traversal, to_traversal, traversal_order
 
 SMALL = dict(dim=32, depth=2, patch_size=4, img_size=16, num_classes=5)
 
@@ -238,3 +238,32 @@ def test_compile_blocks_shares_one_graph_per_traversal_pattern(traversal, graphs
     torch.testing.assert_close(model(x), expected)
     # quad alternates two pairs of directions over the pairs: one graph for each
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_block_diagonal_dense_weight_equals_the_block_product():
+    layer = BlockDiagonalLinear(12).double()
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    dense = layer.dense_weight()
+    blocks = torch.block_diag(*layer.weight)
+    assert torch.equal(dense, blocks)
+    torch.testing.assert_close(torch.nn.functional.linear(x, dense, layer.bias), layer(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_model_matches_cpu_model(monkeypatch):
+    # The CUDA path (dense fused projections, Triton cell) against the CPU path (block products, chunkwise).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = vil.create_model("vil2_nano", dim=64, depth=2, img_size=64, mlstm_form="auto")
+    x = torch.randn(2, 3, 64, 64)
+    out_cpu = model(x)
+    grads_cpu = torch.autograd.grad(out_cpu.square().sum(), list(model.parameters()))
+    model.cuda()
+    out_gpu = model(x.cuda())
+    grads_gpu = torch.autograd.grad(out_gpu.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-5)
+    for g_gpu, g_cpu in zip(grads_gpu, grads_cpu):
+        assert ((g_gpu.cpu() - g_cpu).norm() / g_cpu.norm().clamp_min(1e-12)).item() < 1e-4
