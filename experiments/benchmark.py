@@ -2,8 +2,10 @@
 
 For each model size and resolution it times a full training step (bf16 autocast forward, backward, AdamW
 step) and inference, eager and torch.compile'd, and reports images/s, the ratio to DeiT of the same size
-(each at its best setting) and peak memory. The ``authors`` column is ViL with the quadratic parallel
-mLSTM form compiled with torch.compile, the algorithm of the authors' release.
+(each at its best setting) and peak memory. ``compiled`` compiles ViL block by block
+(``VisionLSTM.compile_blocks``) and DeiT whole. The ``authors`` column is ViL with the quadratic parallel
+mLSTM form at every length, compiled, the algorithm of the authors' release; ``vil`` uses
+``mlstm_form="auto"``, which under torch.compile also picks the parallel form up to 256 tokens.
 
     python experiments/benchmark.py                         # GPU: T/S/B at 224/384/512/768/1024
     python experiments/benchmark.py --sizes tiny --res 224 512 1024 --modes compiled
@@ -58,8 +60,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(model, batch: int, res: int, train: bool, device, steps: int, warmup: int) -> tuple[float, float]:
-    """(images per second, peak memory in GiB) for training steps or inference."""
+def measure(model, batch: int, res: int, train: bool, device, steps: int, warmup: int,
+            min_seconds: float = 0.0) -> tuple[float, float]:
+    """(images per second, peak memory in GiB) over at least ``steps`` steps and ``min_seconds``."""
     x = torch.randn(batch, 3, res, res, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
@@ -83,12 +86,15 @@ def measure(model, batch: int, res: int, train: bool, device, steps: int, warmup
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    elapsed = time.perf_counter() - start
+    done, elapsed = 0, 0.0
+    while done < steps or elapsed < min_seconds:  # fast models get more steps: 10 of them take ~0.1 s
+        for _ in range(steps):
+            step()
+        done += steps
+        _sync(device)
+        elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return batch * steps / elapsed, peak
+    return batch * done / elapsed, peak
 
 
 def run(args) -> list[dict]:
@@ -105,9 +111,10 @@ def run(args) -> list[dict]:
                         try:
                             model = build(kind, size, res, args.quick).to(device)
                             if mode == "compiled":
+                                torch._dynamo.reset()  # fresh compile caches: no recompile limits across runs
                                 # ViL: block-wise compilation, one compile for all blocks.
                                 model = model.compile_blocks() if hasattr(model, "compile_blocks") else torch.compile(model)
-                            ips, mem = measure(model, batch, res, train, device, args.steps, args.warmup)
+                            ips, mem = measure(model, batch, res, train, device, args.steps, args.warmup, args.min_seconds)
                             row.update(img_s=ips, peak_gib=mem)
                         except torch.cuda.OutOfMemoryError:
                             row.update(img_s=float("nan"), peak_gib=float("nan"), note="OOM")
@@ -196,13 +203,14 @@ def main(argv=None):
                    choices=["vil", "vil-quad", "deit", "authors"], help="vil-quad: ViL with quad-directional traversal")
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--min-seconds", type=float, default=2.0, help="time each setting for at least this long")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny models on the CPU, for a smoke test")
     p.add_argument("--out", default="runs/benchmark")
     args = p.parse_args(argv)
     if args.quick:
         args.res = [r for r in args.res if r <= 64] or [32, 64]
-        args.steps, args.warmup = 1, 1
+        args.steps, args.warmup, args.min_seconds = 1, 1, 0.0
         args.modes = [m for m in args.modes if m == "eager"] or ["eager"]
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu"
     print(f"device: {dev}, torch {torch.__version__}")

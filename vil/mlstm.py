@@ -144,9 +144,16 @@ def mlstm_chunkwise(q, k, v, igate, fgate, chunk_size: int = 64, eps: float = 1e
 
 def mlstm(q, k, v, igate, fgate, form: str = "parallel", chunk_size: int = 64, eps: float = 1e-6):
     """Dispatch to one form of the mLSTM cell. ``auto`` uses the fused Triton kernel on CUDA and the
-    chunkwise PyTorch form elsewhere."""
+    chunkwise PyTorch form elsewhere; under torch.compile on CUDA, sequences of up to 256 tokens use the
+    parallel form, which the compiler fuses into kernels that beat the chunkwise kernel there (H100,
+    bf16, ViL-T/S/B at 224: as fast, 1.26x and 1.74x the training throughput)."""
     if form == "auto":
-        form = "triton" if q.is_cuda and _triton_available() else "chunkwise"
+        if not (q.is_cuda and _triton_available()):
+            form = "chunkwise"
+        elif torch.compiler.is_compiling() and q.shape[2] <= 256:
+            form = "parallel"
+        else:
+            form = "triton"
     if form == "parallel":
         return mlstm_parallel(q, k, v, igate, fgate, eps=eps)
     if form == "chunkwise":
