@@ -125,6 +125,12 @@ def _dot_split_lhs(a, b, acc, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, P
 
 
 @triton.jit
+def _load_rows(base, offs_t, offs_d, stride_s, stride_d, valid):
+    # A (tokens, features) tile of a (S, DH) matrix; rows past the sequence end read as zeros.
+    return tl.load(base + offs_t[:, None] * stride_s + offs_d[None, :] * stride_d, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
 def _intra_decay(b_hi, b_lo, ig, m, causal):
     # exp(b_i - b_j + ig_j - m_i) for j <= i. b = b_hi + b_lo: the difference of the large b_hi
     # parts is (nearly) exact, so the exponent stays accurate when |b| is large but b_i - b_j small.
@@ -243,14 +249,8 @@ def _fwd_states_kernel(
         # Carry the state to the end of chunk c, stabilized by m_last.
         decay = tl.exp(b_last + m_prev - m_last).to(tl.float32)
         w = tl.exp(b_last - b + ig - m_last).to(tl.float32)  # 0 on padding (ig = -inf)
-        k_c = tl.load(
-            k_base + offs_t[:, None] * stride_ks + offs_k[None, :] * stride_kd,
-            mask=valid[:, None], other=0.0,
-        )
-        v_c = tl.load(
-            v_base + offs_t[:, None] * stride_vs + offs_v[None, :] * stride_vd,
-            mask=valid[:, None], other=0.0,
-        )
+        k_c = _load_rows(k_base, offs_t, offs_k, stride_ks, stride_kd, valid)
+        v_c = _load_rows(v_base, offs_t, offs_v, stride_vs, stride_vd, valid)
         kw = k_c.to(tl.float32) * w[:, None]
         cst = _dot_split_lhs(tl.trans(kw), v_c, cst * decay, OP_DTYPE, DOT_DTYPE, PRECISION)
         nst = nst * decay + tl.sum(kw, 0)
@@ -298,14 +298,8 @@ def _fwd_output_kernel(
     q_nst = tl.zeros([L], dtype=tl.float32)
     for u in range(0, DH, BK):
         offs_u = u + tl.arange(0, BK)
-        q_u = tl.load(
-            q_base + offs_t[:, None] * stride_qs + offs_u[None, :] * stride_qd,
-            mask=valid[:, None], other=0.0,
-        )
-        k_u = tl.load(
-            k_base + offs_t[:, None] * stride_ks + offs_u[None, :] * stride_kd,
-            mask=valid[:, None], other=0.0,
-        )
+        q_u = _load_rows(q_base, offs_t, offs_u, stride_qs, stride_qd, valid)
+        k_u = _load_rows(k_base, offs_t, offs_u, stride_ks, stride_kd, valid)
         cst_u = tl.load(cst_base + offs_u[:, None] * DH + offs_v[None, :])
         nst_u = tl.load(nst_base + offs_u)
         scores = _dot(q_u, tl.trans(k_u), scores, OP_DTYPE, DOT_DTYPE, PRECISION)
@@ -317,10 +311,7 @@ def _fwd_output_kernel(
     p = scores * scale * _intra_decay(b_hi, b_lo, ig, m, causal)
 
     den = scale * a * q_nst + tl.sum(p, 1)
-    v_c = tl.load(
-        v_base + offs_t[:, None] * stride_vs + offs_v[None, :] * stride_vd,
-        mask=valid[:, None], other=0.0,
-    )
+    v_c = _load_rows(v_base, offs_t, offs_v, stride_vs, stride_vd, valid)
     num = _dot_split_lhs(p, v_c, q_cst * (scale * a)[:, None], OP_DTYPE, DOT_DTYPE, PRECISION)
     norm = tl.maximum(tl.abs(den), tl.exp(-m)) + eps
     h = num / norm[:, None]
@@ -397,22 +388,10 @@ def _bwd_norm_kernel(
     q_nst = tl.zeros([L], dtype=tl.float32)
     for u in range(0, DH, BD):
         offs_u = u + tl.arange(0, BD)
-        q_u = tl.load(
-            q_base + offs_t[:, None] * stride_qs + offs_u[None, :] * stride_qd,
-            mask=valid[:, None], other=0.0,
-        )
-        k_u = tl.load(
-            k_base + offs_t[:, None] * stride_ks + offs_u[None, :] * stride_kd,
-            mask=valid[:, None], other=0.0,
-        )
-        v_u = tl.load(
-            v_base + offs_t[:, None] * stride_vs + offs_u[None, :] * stride_vd,
-            mask=valid[:, None], other=0.0,
-        )
-        dh_u = tl.load(
-            dh_base + offs_t[:, None] * stride_ds + offs_u[None, :] * stride_dd,
-            mask=valid[:, None], other=0.0,
-        )
+        q_u = _load_rows(q_base, offs_t, offs_u, stride_qs, stride_qd, valid)
+        k_u = _load_rows(k_base, offs_t, offs_u, stride_ks, stride_kd, valid)
+        v_u = _load_rows(v_base, offs_t, offs_u, stride_vs, stride_vd, valid)
+        dh_u = _load_rows(dh_base, offs_t, offs_u, stride_ds, stride_dd, valid)
         scores = _dot(q_u, tl.trans(k_u), scores, OP_DTYPE, DOT_DTYPE, PRECISION)
         dh_v = _dot(dh_u, tl.trans(v_u), dh_v, OP_DTYPE, DOT_DTYPE, PRECISION)
         q_nst += tl.sum(q_u.to(tl.float32) * tl.load(nst_base + offs_u)[None, :], 1)
@@ -424,17 +403,11 @@ def _bwd_norm_kernel(
         q_cst = tl.zeros([L, BD], dtype=tl.float32)
         for u in range(0, DH, BD):
             offs_u = u + tl.arange(0, BD)
-            q_u = tl.load(
-                q_base + offs_t[:, None] * stride_qs + offs_u[None, :] * stride_qd,
-                mask=valid[:, None], other=0.0,
-            )
+            q_u = _load_rows(q_base, offs_t, offs_u, stride_qs, stride_qd, valid)
             cst_uw = tl.load(cst_base + offs_u[:, None] * DH + offs_w[None, :])
             # Split product: dden ~ 1/n^2 amplifies the error of dh . num in rows with small |den|.
             q_cst = _dot_split(q_u, cst_uw, q_cst, OP_DTYPE, DOT_DTYPE, PRECISION)
-        dh_w = tl.load(
-            dh_base + offs_t[:, None] * stride_ds + offs_w[None, :] * stride_dd,
-            mask=valid[:, None], other=0.0,
-        )
+        dh_w = _load_rows(dh_base, offs_t, offs_w, stride_ds, stride_dd, valid)
         dh_q_cst += tl.sum(q_cst * dh_w.to(tl.float32), 1)
 
     a = tl.where(valid, tl.exp((b_hi + (m_prev - m)) + b_lo), 0.0)
@@ -498,14 +471,8 @@ def _bwd_states_kernel(
         a, _, decay = _state_weights(b_hi, b_lo, m, ig, valid, m_prev, bh_last, bl_last, m_last)
         inv_norm = tl.load(inv_norm_ptr + gate_row + offs_t, mask=valid, other=0.0)
         dden = tl.load(dden_ptr + gate_row + offs_t, mask=valid, other=0.0)
-        q_c = tl.load(
-            q_base + offs_t[:, None] * stride_qs + offs_k[None, :] * stride_qd,
-            mask=valid[:, None], other=0.0,
-        ).to(tl.float32)
-        dh_c = tl.load(
-            dh_base + offs_t[:, None] * stride_ds + offs_v[None, :] * stride_dd,
-            mask=valid[:, None], other=0.0,
-        )
+        q_c = _load_rows(q_base, offs_t, offs_k, stride_qs, stride_qd, valid).to(tl.float32)
+        dh_c = _load_rows(dh_base, offs_t, offs_v, stride_ds, stride_dd, valid)
         # Row factors go on q so that dh enters the product unrounded; the scaled q is split into
         # two half-precision parts because the gate gradients need dCst to ~16 bits.
         qa = q_c * (scale * a * inv_norm)[:, None]
@@ -574,22 +541,10 @@ def _bwd_grads_kernel(
     state_dot = tl.zeros([], dtype=tl.float32)  # <Cst, dCst> over the rows of this tile
     for u in range(0, DH, BD):
         offs_u = u + tl.arange(0, BD)
-        q_u = tl.load(
-            q_base + offs_t[:, None] * stride_qs + offs_u[None, :] * stride_qd,
-            mask=valid[:, None], other=0.0,
-        )
-        k_u = tl.load(
-            k_base + offs_t[:, None] * stride_ks + offs_u[None, :] * stride_kd,
-            mask=valid[:, None], other=0.0,
-        )
-        v_u = tl.load(
-            v_base + offs_t[:, None] * stride_vs + offs_u[None, :] * stride_vd,
-            mask=valid[:, None], other=0.0,
-        )
-        dh_u = tl.load(
-            dh_base + offs_t[:, None] * stride_ds + offs_u[None, :] * stride_dd,
-            mask=valid[:, None], other=0.0,
-        )
+        q_u = _load_rows(q_base, offs_t, offs_u, stride_qs, stride_qd, valid)
+        k_u = _load_rows(k_base, offs_t, offs_u, stride_ks, stride_kd, valid)
+        v_u = _load_rows(v_base, offs_t, offs_u, stride_vs, stride_vd, valid)
+        dh_u = _load_rows(dh_base, offs_t, offs_u, stride_ds, stride_dd, valid)
         cst_du = tl.load(cst_ptr + state_off + offs_d[:, None] * DH + offs_u[None, :])
         dcst_du = tl.load(dcst_ptr + state_off + offs_d[:, None] * DH + offs_u[None, :])
         dcst_ud = tl.load(dcst_ptr + state_off + offs_u[:, None] * DH + offs_d[None, :])
@@ -610,18 +565,9 @@ def _bwd_grads_kernel(
     dcmat = dh_v * inv_norm[:, None] + dden[:, None]
     dscores = dcmat * decay * scale
 
-    q_t = tl.load(
-        q_base + offs_t[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-        mask=valid[:, None], other=0.0,
-    )
-    k_t = tl.load(
-        k_base + offs_t[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-        mask=valid[:, None], other=0.0,
-    )
-    dh_t = tl.load(
-        dh_base + offs_t[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-        mask=valid[:, None], other=0.0,
-    )
+    q_t = _load_rows(q_base, offs_t, offs_d, stride_qs, stride_qd, valid)
+    k_t = _load_rows(k_base, offs_t, offs_d, stride_ks, stride_kd, valid)
+    dh_t = _load_rows(dh_base, offs_t, offs_d, stride_ds, stride_dd, valid)
     nst_t = tl.load(nst_ptr + vec_off + offs_d)
     dnst_t = tl.load(dnst_ptr + vec_off + offs_d)
 
