@@ -476,10 +476,10 @@ class VisionLSTM(nn.Module):
             reverse = d.endswith(("bot_right", "bot_left"))
             fwd = perm_list[::-1] if reverse else perm_list
             n = num_patches + len(slots)
-            canon_patches = [i for i in range(n) if i not in slots]
-            patches = iter(canon_patches[p] for p in fwd)
-            order = [i if i in slots else next(patches) for i in range(n)]
             slot_set = set(slots)
+            canon_patches = [i for i in range(n) if i not in slot_set]
+            patches = iter(canon_patches[p] for p in fwd)
+            order = [i if i in slot_set else next(patches) for i in range(n)]
             if reverse:
                 order = order[::-1]
             patch_index = torch.tensor([t for t, i in enumerate(order) if i not in slot_set], device=device)
