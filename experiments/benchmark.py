@@ -5,7 +5,7 @@ step) and inference, eager and torch.compile'd, and reports images/s, the ratio 
 (each at its best setting) and peak memory. ``compiled`` compiles ViL block by block
 (``VisionLSTM.compile_blocks``) and DeiT whole. The ``authors`` column is ViL with the quadratic parallel
 mLSTM form at every length, compiled, the algorithm of the authors' release; ``vil`` uses
-``mlstm_form="auto"``, which under torch.compile also picks the parallel form up to 256 tokens.
+``mlstm_form="auto"``: the fused Triton kernels on CUDA.
 
     python experiments/benchmark.py                         # GPU: T/S/B at 224/384/512/768/1024
     python experiments/benchmark.py --sizes tiny --res 224 512 1024 --modes compiled

@@ -1,6 +1,6 @@
 """Fused GPU kernels. Triton is imported on first use, so ``import vil`` works without it."""
 
-__all__ = ["mlstm_chunkwise_triton"]
+__all__ = ["mlstm_chunkwise_triton", "mlstm_parallel_triton"]
 
 
 def __getattr__(name: str):
@@ -8,4 +8,8 @@ def __getattr__(name: str):
         from vil.kernels.mlstm_triton import mlstm_chunkwise_triton
 
         return mlstm_chunkwise_triton
+    if name == "mlstm_parallel_triton":
+        from vil.kernels.mlstm_parallel_triton import mlstm_parallel_triton
+
+        return mlstm_parallel_triton
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -687,13 +687,14 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _empty_heads_like(x: torch.Tensor) -> torch.Tensor:
+def _empty_heads_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     # A (B, NH, S, DH) tensor laid out like x: token-major memory (B, S, NH, DH) when x is a
     # transposed view of per-token features, so that the caller's reshape back is free.
+    dtype = dtype or x.dtype
     if x.stride(1) < x.stride(2):
         B, NH, S, DH = x.shape
-        return torch.empty(B, S, NH, DH, device=x.device, dtype=x.dtype).transpose(1, 2)
-    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        return torch.empty(B, S, NH, DH, device=x.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(x.shape, device=x.device, dtype=dtype)
 
 
 def _launch_states(k, v, igate, fgate, L, state_dtype):

@@ -1,0 +1,410 @@
+"""The mLSTM cell's parallel (quadratic) form as tiled Triton kernels, forward and backward.
+
+Computes, per batch and head (``k`` scaled by 1/sqrt(DH), gate math in float32 and float64):
+
+    F_i      = sum_{l<=i} logsigmoid(fgate_l)
+    log D_ij = F_i - F_j + igate_j                       (j <= i)
+    m_i      = max_{j<=i} log D_ij = F_i + M_i,  M_i = max_{j<=i} (igate_j - F_j)
+    C_ij     = (q_i . k_j / sqrt(DH)) * exp(log D_ij - m_i)
+    h_i      = sum_j C_ij v_j / (max(|sum_j C_ij|, exp(-m_i)) + eps)
+
+The stabilizer m_i is a running maximum known before any product is formed, so the quadratic form is
+evaluated like causal flash attention, one (query tile, key tile) pair at a time, in a single pass with
+no rescaling: exp(log D_ij - m_i) = exp(b_j - M_i) with b_j = igate_j - F_j, and every weight is <= 1.
+Nothing of size S x S is stored; memory is linear in the sequence length.
+
+b and M grow like |F| (1e4-1e5 for long sequences with strong forgetting), so they are computed in
+float64 and stored as float32 (hi, lo) pairs whose hi parts are differenced first: the exponent is then
+accurate wherever it is near zero.
+
+Kernels (BH = batch * heads, T = token tiles of BLOCK, NV / ND = feature tiles):
+
+    _fwd_kernel  (T, NV, BH)  one output tile per (query tile, value-feature tile); also writes the
+                              normalizer n_i and the row sum den_i.
+    _bwd_kernel  (T, ND, BH)  program t: dk, dv of key tile t (over query tiles >= t), then dq of query
+                              tile t (over key tiles <= t), so every program does the same number of
+                              tile pairs. Also the gate-gradient row and column sums.
+
+The gate pre- and post-processing (cumulative sums and maxima over S, per head) is plain PyTorch.
+The stabilizer is held constant in the backward pass: it cancels from h except through eps.
+
+Precision: half-precision inputs use half-precision tensor-core operands with float32 accumulation.
+Products of two inputs (q k^T, dh v^T) are exact in one; products with a float32 decay-weighted
+operand split it into two half-precision parts (about 16 mantissa bits). Rows with |den| much smaller
+than sum_j |C_ij| amplify rounding errors, the gradients by the square of that ratio: so h is returned
+and kept in float32, and the backward pass forms dh . h from it. Float32 inputs use exact float32
+products (no tf32).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from vil.kernels.mlstm_triton import (
+    _INTERPRET, _TL_DTYPES, _cast, _dot, _dot_config, _dot_split_lhs, _empty_heads_like,
+)
+
+__all__ = ["mlstm_parallel_triton"]
+
+_AUTOTUNE = os.environ.get("VIL_TRITON_AUTOTUNE", "1") != "0"
+_SPLIT = True
+
+
+def _configs(warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
+    if _INTERPRET or not _AUTOTUNE:
+        return [triton.Config({}, num_warps=warps[0], num_stages=1 if _INTERPRET else stages[0])]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+
+
+@triton.jit
+def _tile(base, offs_t, offs_d, stride_s, stride_d, t_ok, d_ok):
+    # A (tokens, features) tile of a (S, DH) matrix; out-of-range entries read as zeros.
+    return tl.load(base + offs_t[:, None] * stride_s + offs_d[None, :] * stride_d,
+                   mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_t(base, offs_t, offs_d, stride_s, stride_d, t_ok, d_ok):
+    # The same tile transposed, (features, tokens), loaded as such: an operand of tl.dot, not a
+    # register transpose.
+    return tl.load(base + offs_t[None, :] * stride_s + offs_d[:, None] * stride_d,
+                   mask=d_ok[:, None] & t_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _weighted(a, b, acc, SPLIT: tl.constexpr,
+              OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    # acc + a @ b for a float32 a (decay-weighted) and an input-dtype b; with SPLIT, a keeps ~16
+    # mantissa bits through two half-precision products.
+    if SPLIT:
+        return _dot_split_lhs(a, b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
+    return _dot(a, b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
+
+
+# The gate planes: four (BH, S) float32 rows b_hi, b_lo, M_hi, M_lo (b = igate - F, M its running max,
+# each split into a float32 value and its float32 remainder). exp(log D_ij - m_i) = exp(b_j - M_i) is
+# formed as (b_hi_j - M_hi_i) + (b_lo_j - M_lo_i): the first difference is exact where the exponent is
+# near zero, however large b and M are.
+
+
+@triton.jit
+def _key_terms(gate_ptr, row, BHS, offs_n, n_ok):
+    b_hi = tl.load(gate_ptr + row + offs_n, mask=n_ok, other=float("-inf"))  # padded keys weigh 0
+    b_lo = tl.load(gate_ptr + BHS + row + offs_n, mask=n_ok, other=0.0)
+    return b_hi, b_lo
+
+
+@triton.jit
+def _query_terms(gate_ptr, row, BHS, offs_m, m_ok):
+    m_hi = tl.load(gate_ptr + 2 * BHS + row + offs_m, mask=m_ok, other=float("inf"))  # padded rows weigh 0
+    m_lo = tl.load(gate_ptr + 3 * BHS + row + offs_m, mask=m_ok, other=0.0)
+    return m_hi, m_lo
+
+
+@triton.jit
+def _decay(m_hi, m_lo, b_hi, b_lo, causal):
+    # Rows index queries, columns keys. Above the diagonal the exponent may overflow; tl.where drops it.
+    return tl.where(causal, tl.exp((b_hi[None, :] - m_hi[:, None]) + (b_lo[None, :] - m_lo[:, None])), 0.0)
+
+
+@triton.jit
+def _decay_t(m_hi, m_lo, b_hi, b_lo, causal_t):
+    # The transpose of _decay: rows index keys, columns queries.
+    return tl.where(causal_t, tl.exp((b_hi[:, None] - m_hi[None, :]) + (b_lo[:, None] - m_lo[None, :])), 0.0)
+
+
+@triton.autotune(configs=_configs((4, 8), (2, 3)), key=["S", "DH", "BM", "BN", "BV"])
+@triton.jit
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, h_ptr, gate_ptr, floor_ptr, norm_ptr, den_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_hb, stride_hh, stride_hs, stride_hd,
+    NH, S, scale: tl.constexpr, eps: tl.constexpr,
+    DH: tl.constexpr, DHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+    SPLIT: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Output tile (query tile pid_m, value features of tile pid_v)."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    k_base = k_ptr + i_b * stride_kb + i_h * stride_kh
+    v_base = v_ptr + i_b * stride_vb + i_h * stride_vh
+    row = pid_bh.to(tl.int64) * S
+    BHS = tl.num_programs(2).to(tl.int64) * S
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_ok = offs_m < S
+    offs_k = tl.arange(0, DHP)
+    k_ok = offs_k < DH
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    v_ok = offs_v < DH
+    q = _tile(q_ptr + i_b * stride_qb + i_h * stride_qh, offs_m, offs_k, stride_qs, stride_qd, m_ok, k_ok)
+    m_hi, m_lo = _query_terms(gate_ptr, row, BHS, offs_m, m_ok)
+
+    num = tl.zeros([BM, BV], dtype=tl.float32)
+    den = tl.zeros([BM], dtype=tl.float32)
+    for n0 in range(0, tl.minimum(pid_m * BM + BM, S), BN):  # causal: key tiles up to the query tile
+        offs_n = n0 + tl.arange(0, BN)
+        n_ok = offs_n < S
+        k_t = _tile_t(k_base, offs_n, offs_k, stride_ks, stride_kd, n_ok, k_ok)
+        s = _dot(q, k_t, tl.zeros([BM, BN], dtype=tl.float32), OP_DTYPE, DOT_DTYPE, PRECISION)
+        b_hi, b_lo = _key_terms(gate_ptr, row, BHS, offs_n, n_ok)
+        c = s * scale * _decay(m_hi, m_lo, b_hi, b_lo, offs_m[:, None] >= offs_n[None, :])
+        den += tl.sum(c, 1)
+        v = _tile(v_base, offs_n, offs_v, stride_vs, stride_vd, n_ok, v_ok)
+        num = _weighted(c, v, num, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
+
+    floor = tl.load(floor_ptr + row + offs_m, mask=m_ok, other=1.0)
+    norm = tl.maximum(tl.abs(den), floor) + eps
+    h = num / norm[:, None]
+    h_base = h_ptr + i_b * stride_hb + i_h * stride_hh
+    tl.store(h_base + offs_m[:, None] * stride_hs + offs_v[None, :] * stride_hd,
+             _cast(h, h_ptr.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
+    if pid_v == 0:
+        tl.store(norm_ptr + row + offs_m, norm, mask=m_ok)
+        tl.store(den_ptr + row + offs_m, den, mask=m_ok)
+
+
+# Backward. With inv_n_i = 1 / n_i and dden_i the gradient reaching den_i through n_i, the gradient
+# of C_ij is dC_ij = inv_n_i (dh_i . v_j) + dden_i; that of the scaled score is dC_ij exp(b_j - M_i),
+# and that of log D_ij is G_ij = dC_ij C_ij. The gates get d igate_j = sum_i G_ij and
+# dF_i = sum_j G_ij - sum_k G_ki (row sum minus column sum), summed into d logsigmoid(fgate) outside.
+@triton.autotune(configs=_configs((4, 8), (2, 3)), key=["S", "DH", "BLOCK", "SUB", "BD"])
+@triton.jit
+def _bwd_kernel(
+    q_ptr, k_ptr, v_ptr, dh_ptr, gate_ptr, inv_norm_ptr, dden_ptr,
+    dq_ptr, dk_ptr, dv_ptr, rowg_ptr, colg_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    stride_gqb, stride_gqh, stride_gqs, stride_gqd,
+    stride_gkb, stride_gkh, stride_gks, stride_gkd,
+    stride_gvb, stride_gvh, stride_gvs, stride_gvd,
+    NH, S, scale: tl.constexpr,
+    DH: tl.constexpr, DHP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, BD: tl.constexpr,
+    SPLIT: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program t: dk, dv of key tile t over the query sub-tiles from t on, then dq of query tile t
+    over the key sub-tiles up to t (same number of tile pairs for every t)."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
+    k_base = k_ptr + i_b * stride_kb + i_h * stride_kh
+    v_base = v_ptr + i_b * stride_vb + i_h * stride_vh
+    dh_base = dh_ptr + i_b * stride_db + i_h * stride_dh
+    row = pid_bh.to(tl.int64) * S
+    BHS = tl.num_programs(2).to(tl.int64) * S
+    offs_k = tl.arange(0, DHP)
+    k_ok = offs_k < DH
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    d_ok = offs_d < DH
+    t0 = pid_t * BLOCK
+    offs_t = t0 + tl.arange(0, BLOCK)
+    t_ok = offs_t < S
+
+    # dk, dv of key tile t, as transposed score tiles (keys x queries).
+    k = _tile(k_base, offs_t, offs_k, stride_ks, stride_kd, t_ok, k_ok)
+    v = _tile(v_base, offs_t, offs_k, stride_vs, stride_vd, t_ok, k_ok)
+    b_hi, b_lo = _key_terms(gate_ptr, row, BHS, offs_t, t_ok)
+    dk = tl.zeros([BLOCK, BD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BD], dtype=tl.float32)
+    colg = tl.zeros([BLOCK], dtype=tl.float32)
+    for m0 in range(t0, S, SUB):
+        offs_m = m0 + tl.arange(0, SUB)
+        m_ok = offs_m < S
+        q_t = _tile_t(q_base, offs_m, offs_k, stride_qs, stride_qd, m_ok, k_ok)
+        dh_t = _tile_t(dh_base, offs_m, offs_k, stride_ds, stride_dd, m_ok, k_ok)
+        zeros = tl.zeros([BLOCK, SUB], dtype=tl.float32)
+        s_t = _dot(k, q_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dp_t = _dot(v, dh_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+        m_hi, m_lo = _query_terms(gate_ptr, row, BHS, offs_m, m_ok)
+        e_t = _decay_t(m_hi, m_lo, b_hi, b_lo, offs_t[:, None] <= offs_m[None, :])
+        inv_n_m = tl.load(inv_norm_ptr + row + offs_m, mask=m_ok, other=0.0)
+        dden_m = tl.load(dden_ptr + row + offs_m, mask=m_ok, other=0.0)
+        c_t = s_t * scale * e_t
+        dc_t = dp_t * inv_n_m[None, :] + dden_m[None, :]
+        colg += tl.sum(dc_t * c_t, 1)
+        if BD == DHP:
+            q_d = tl.trans(q_t)
+            dh_d = tl.trans(dh_t)
+        else:
+            q_d = _tile(q_base, offs_m, offs_d, stride_qs, stride_qd, m_ok, d_ok)
+            dh_d = _tile(dh_base, offs_m, offs_d, stride_ds, stride_dd, m_ok, d_ok)
+        dv = _weighted(c_t * inv_n_m[None, :], dh_d, dv, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dk = _weighted(dc_t * e_t, q_d, dk, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
+    out = offs_t[:, None] * stride_gks + offs_d[None, :] * stride_gkd
+    tl.store(dk_ptr + i_b * stride_gkb + i_h * stride_gkh + out, _cast(dk * scale, dk_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & d_ok[None, :])
+    out = offs_t[:, None] * stride_gvs + offs_d[None, :] * stride_gvd
+    tl.store(dv_ptr + i_b * stride_gvb + i_h * stride_gvh + out, _cast(dv, dv_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & d_ok[None, :])
+
+    # dq of query tile t.
+    q = _tile(q_base, offs_t, offs_k, stride_qs, stride_qd, t_ok, k_ok)
+    dh = _tile(dh_base, offs_t, offs_k, stride_ds, stride_dd, t_ok, k_ok)
+    mt_hi, mt_lo = _query_terms(gate_ptr, row, BHS, offs_t, t_ok)
+    inv_n = tl.load(inv_norm_ptr + row + offs_t, mask=t_ok, other=0.0)
+    dden = tl.load(dden_ptr + row + offs_t, mask=t_ok, other=0.0)
+    dq = tl.zeros([BLOCK, BD], dtype=tl.float32)
+    rowg = tl.zeros([BLOCK], dtype=tl.float32)
+    for n0 in range(0, tl.minimum(t0 + BLOCK, S), SUB):
+        offs_n = n0 + tl.arange(0, SUB)
+        n_ok = offs_n < S
+        k_t = _tile_t(k_base, offs_n, offs_k, stride_ks, stride_kd, n_ok, k_ok)
+        v_t = _tile_t(v_base, offs_n, offs_k, stride_vs, stride_vd, n_ok, k_ok)
+        zeros = tl.zeros([BLOCK, SUB], dtype=tl.float32)
+        s = _dot(q, k_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dp = _dot(dh, v_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+        bn_hi, bn_lo = _key_terms(gate_ptr, row, BHS, offs_n, n_ok)
+        e = _decay(mt_hi, mt_lo, bn_hi, bn_lo, offs_t[:, None] >= offs_n[None, :])
+        dc = dp * inv_n[:, None] + dden[:, None]
+        rowg += tl.sum(dc * (s * scale * e), 1)
+        if BD == DHP:
+            k_d = tl.trans(k_t)
+        else:
+            k_d = _tile(k_base, offs_n, offs_d, stride_ks, stride_kd, n_ok, d_ok)
+        dq = _weighted(dc * e, k_d, dq, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
+    out = offs_t[:, None] * stride_gqs + offs_d[None, :] * stride_gqd
+    tl.store(dq_ptr + i_b * stride_gqb + i_h * stride_gqh + out, _cast(dq * scale, dq_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & d_ok[None, :])
+    if pid_d == 0:
+        tl.store(rowg_ptr + row + offs_t, rowg, mask=t_ok)
+        tl.store(colg_ptr + row + offs_t, colg, mask=t_ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------
+
+
+def _block_sizes(S: int, DH: int) -> dict:
+    """Tile sizes. The contraction over the head dim is one tl.dot over DH padded to a power of two
+    (DHP); outputs are tiled in the head dim by BV/BD <= 128 (each tile recomputing the scores)."""
+    dhp = max(16, triton.next_power_of_2(DH))
+    block = min(64 if dhp <= 256 else 32, max(16, triton.next_power_of_2(S)))
+    out = min(dhp, 128)
+    fwd = dict(DHP=dhp, BM=block, BN=block, BV=out)
+    bwd = dict(DHP=dhp, BLOCK=block, SUB=max(16, block // 2), BD=out)
+    return fwd, bwd
+
+
+def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = x.float()
+    return hi, (x - hi.double()).float()
+
+
+def _gate_planes(igate: torch.Tensor, fgate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(4, BH, S) float32 planes b_hi, b_lo, M_hi, M_lo and the normalizer floor exp(-m), (BH, S)."""
+    B, NH, S = igate.shape
+    log_f_cum = F.logsigmoid(fgate.double()).cumsum(-1)
+    b = igate.double() - log_f_cum
+    running_max = b.cummax(-1).values
+    planes = torch.stack([*_split(b), *_split(running_max)]).view(4, B * NH, S)
+    floor = torch.exp(-(log_f_cum + running_max)).float().reshape(B * NH, S)
+    return planes.contiguous(), floor
+
+
+def _strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+@triton_op("vil::mlstm_parallel_fwd", mutates_args={})
+def _mlstm_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, NH, S, DH = q.shape
+    blocks, _ = _block_sizes(S, DH)
+    planes, floor = _gate_planes(igate, fgate)
+    # h stays float32: it feeds a normalization, and the backward pass needs it unrounded (dh . h).
+    h = _empty_heads_like(v, torch.float32)
+    norm = torch.empty(B * NH, S, device=q.device, dtype=torch.float32)
+    den = torch.empty_like(norm)
+    # scale and eps are compile-time constants: as runtime floats, torch.compile's launcher would type them
+    # float64 and promote the gate arithmetic with them.
+    wrap_triton(_fwd_kernel)[(triton.cdiv(S, blocks["BM"]), triton.cdiv(DH, blocks["BV"]), B * NH)](
+        q, k, v, h, planes, floor, norm, den,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(h),
+        NH, S, 1.0 / math.sqrt(DH), eps,
+        DH=DH, **blocks, SPLIT=_SPLIT, **_dot_config(q.dtype),
+    )
+    return h, norm, den
+
+
+@triton_op("vil::mlstm_parallel_bwd", mutates_args={})
+def _mlstm_bwd(
+    dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
+    igate: torch.Tensor, fgate: torch.Tensor, norm: torch.Tensor, den: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, NH, S, DH = q.shape
+    _, blocks = _block_sizes(S, DH)
+    planes, floor = _gate_planes(igate, fgate)
+    # n_i = max(|den_i|, exp(-m_i)) + eps, h_i = num_i / n_i: dL/dn_i = -(dh_i . h_i) / n_i.
+    dnorm = -(dh.float() * h).sum(-1).reshape(B * NH, S) / norm
+    dden = torch.where(den.abs() > floor, torch.where(den > 0, dnorm, -dnorm), 0.0)
+    dq, dk, dv = _empty_heads_like(q), _empty_heads_like(k), _empty_heads_like(v)
+    rowg = torch.empty(B * NH, S, device=q.device, dtype=torch.float32)
+    colg = torch.empty_like(rowg)
+    wrap_triton(_bwd_kernel)[(triton.cdiv(S, blocks["BLOCK"]), triton.cdiv(DH, blocks["BD"]), B * NH)](
+        q, k, v, dh, planes, 1.0 / norm, dden, dq, dk, dv, rowg, colg,
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh),
+        *_strides4(dq), *_strides4(dk), *_strides4(dv),
+        NH, S, 1.0 / math.sqrt(DH),
+        DH=DH, **blocks, SPLIT=_SPLIT, **_dot_config(q.dtype),
+    )
+    # d logsigmoid(fgate_l) = sum_{i >= l} dF_i, summed in float64: the suffix sums of row and
+    # column sums nearly cancel for strongly forgetting tokens.
+    dlog_f = (rowg.double() - colg.double()).flip(-1).cumsum(-1).flip(-1).view(B, NH, S)
+    dfgate = (dlog_f * torch.sigmoid(-fgate.double())).to(fgate.dtype)
+    return dq, dk, dv, colg.view(B, NH, S).to(igate.dtype), dfgate
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, igate, fgate, eps = inputs
+    h, norm, den = output
+    ctx.save_for_backward(q, k, v, h, igate, fgate, norm, den)
+
+
+def _backward(ctx, dh, _dnorm, _dden):
+    return (*_mlstm_bwd(dh, *ctx.saved_tensors), None)
+
+
+_mlstm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mlstm_parallel_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """mLSTM cell, parallel form in tiled Triton kernels; differentiable w.r.t. all five inputs.
+
+    q, k, v: (B, NH, S, DH), one of fp32/bf16/fp16, any strides (e.g. a transposed view);
+    DH must be a multiple of 16. igate, fgate: (B, NH, S) gate pre-activations, any float dtype.
+    Returns h: (B, NH, S, DH) in float32, laid out like v.
+    """
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share a (B, NH, S, DH) shape, got {q.shape}, {k.shape}, {v.shape}")
+    if igate.shape != q.shape[:3] or fgate.shape != q.shape[:3]:
+        raise ValueError(f"igate and fgate must have shape {tuple(q.shape[:3])}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _TL_DTYPES:
+        raise TypeError(f"q, k, v must share one of {list(_TL_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (igate.is_floating_point() and fgate.is_floating_point()):
+        raise TypeError("igate and fgate must be floating point")
+    if q.shape[3] % 16 != 0:
+        raise ValueError(f"head dim must be a multiple of 16, got {q.shape[3]}")
+    if q.shape[2] == 0:
+        return _empty_heads_like(v, torch.float32)
+    return _mlstm_fwd(q, k, v, igate, fgate, eps)[0]
