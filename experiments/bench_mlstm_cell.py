@@ -1,8 +1,9 @@
-"""GPU micro-benchmark of the mLSTM cell: fused Triton kernel vs. the PyTorch parallel form, with
-scaled_dot_product_attention at the matching DeiT shapes for reference.
+"""GPU micro-benchmark of the mLSTM cell: the fused Triton kernels (tiled parallel form, chunkwise form) vs.
+the PyTorch parallel form, with scaled_dot_product_attention at the matching DeiT shapes for reference.
 
-Times forward and forward+backward (median of triton.testing.do_bench), reports peak memory of one
-forward+backward, and checks the kernel once per shape against the float32 parallel form.
+Times forward and forward+backward (median of triton.testing.do_bench; the PyTorch gate pre- and
+post-processing of the tiled kernel included, run eagerly), reports peak memory of one forward+backward,
+and checks each kernel once per shape against the float32 parallel form.
 
     python experiments/bench_mlstm_cell.py                 # all shapes, bf16
     python experiments/bench_mlstm_cell.py --shapes vil-t-224 --chunk-size 64
@@ -78,7 +79,8 @@ def measure(fn, inputs, dout, warmup, rep):
             fn(*inputs)
 
     def fwd_bwd():
-        fn(*inputs).backward(dout)
+        out = fn(*inputs)
+        out.backward(dout.to(out.dtype))
 
     try:
         fwd_bwd()  # compile / autotune outside the timed region
@@ -113,7 +115,7 @@ def check_against_fp32(kernel, inputs, dout):
     """Relative errors of h and of the five gradients vs. the float32 parallel form."""
     try:
         h = kernel(*inputs)
-        grads = torch.autograd.grad(h, inputs, dout)
+        grads = torch.autograd.grad(h, inputs, dout.to(h.dtype))
         ref_inputs = [x.detach().float().requires_grad_() for x in inputs]
         h_ref = mlstm_parallel(*ref_inputs)
         grads_ref = torch.autograd.grad(h_ref, ref_inputs, dout.float())
@@ -141,10 +143,14 @@ def main():
 
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
+    from vil.kernels.mlstm_parallel_triton import mlstm_parallel_triton
     from vil.kernels.mlstm_triton import mlstm_chunkwise_triton
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    kernel = lambda q, k, v, i, f: mlstm_chunkwise_triton(q, k, v, i, f, chunk_size=args.chunk_size)  # noqa: E731
+    kernels = {
+        "triton tiled": mlstm_parallel_triton,
+        "triton chunkwise": lambda q, k, v, i, f: mlstm_chunkwise_triton(q, k, v, i, f, chunk_size=args.chunk_size),
+    }
     compiled_parallel = torch.compile(mlstm_parallel, dynamic=False)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  dtype {args.dtype}  "
           f"chunk_size {args.chunk_size}")
@@ -154,12 +160,13 @@ def main():
         B, NH, DH, S = MLSTM_SHAPES[name]
         inputs, dout = make_mlstm_inputs(B, NH, DH, S, dtype)
         label = f"({B}, {NH}x{DH}, {S})"
-        results = {"mlstm triton": measure(kernel, inputs, dout, args.warmup, args.rep),
-                   "parallel eager": measure(mlstm_parallel, inputs, dout, args.warmup, args.rep)}
+        results = {name_k: measure(kernel, inputs, dout, args.warmup, args.rep) for name_k, kernel in kernels.items()}
+        results["parallel eager"] = measure(mlstm_parallel, inputs, dout, args.warmup, args.rep)
         if not args.no_compile:
             results["parallel compiled"] = measure(compiled_parallel, inputs, dout, args.warmup, args.rep)
         if not args.no_check:
-            checks.append((name, label, check_against_fp32(kernel, inputs, dout)))
+            for name_k, kernel in kernels.items():
+                checks.append((name, f"{label} {name_k}", check_against_fp32(kernel, inputs, dout)))
         del inputs, dout
 
         B, H, D, S_attn = SDPA_SHAPES[name]
@@ -173,7 +180,7 @@ def main():
 
         baseline = results["parallel eager"]
         for method, res in results.items():
-            first = method == "mlstm triton"
+            first = method == next(iter(kernels))
             rows.append((name if first else "", label if first else "", method, res, baseline))
 
     header = (f"{'shape':<11} {'(B, NHxDH, S)':<20} {'method':<36} {'fwd ms':>8} {'fwd+bwd ms':>11} "
@@ -189,7 +196,7 @@ def main():
     print("('vs parallel' = fwd+bwd time / that of the eager PyTorch parallel form at the same mLSTM shape)")
 
     if checks:
-        print("\ncorrectness of the Triton kernel vs. the float32 parallel form (relative L2 error):")
+        print("\ncorrectness of the Triton kernels vs. the float32 parallel form (relative L2 error):")
         for name, label, result in checks:
             print(f"  {name:<11} {label:<20} {result}")
 
