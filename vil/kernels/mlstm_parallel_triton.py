@@ -47,7 +47,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vil.kernels.mlstm_triton import (
-    _INTERPRET, _TL_DTYPES, _cast, _dot, _dot_config, _dot_split_lhs, _empty_heads_like,
+    _INTERPRET, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like,
 )
 
 __all__ = ["mlstm_parallel_triton"]
@@ -395,16 +395,7 @@ def mlstm_parallel_triton(
     DH must be a multiple of 16. igate, fgate: (B, NH, S) gate pre-activations, any float dtype.
     Returns h: (B, NH, S, DH) in float32, laid out like v.
     """
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share a (B, NH, S, DH) shape, got {q.shape}, {k.shape}, {v.shape}")
-    if igate.shape != q.shape[:3] or fgate.shape != q.shape[:3]:
-        raise ValueError(f"igate and fgate must have shape {tuple(q.shape[:3])}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _TL_DTYPES:
-        raise TypeError(f"q, k, v must share one of {list(_TL_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (igate.is_floating_point() and fgate.is_floating_point()):
-        raise TypeError("igate and fgate must be floating point")
-    if q.shape[3] % 16 != 0:
-        raise ValueError(f"head dim must be a multiple of 16, got {q.shape[3]}")
+    _check_inputs(q, k, v, igate, fgate)
     if q.shape[2] == 0:
         return _empty_heads_like(v, torch.float32)
     return _mlstm_fwd(q, k, v, igate, fgate, eps)[0]

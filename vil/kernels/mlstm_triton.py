@@ -715,6 +715,20 @@ def _launch_states(k, v, igate, fgate, L, state_dtype):
     return gates, cst, nst
 
 
+def _check_inputs(q, k, v, igate, fgate) -> None:
+    """The kernels' shared input contract, with errors that name the offending input."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share a (B, NH, S, DH) shape, got {q.shape}, {k.shape}, {v.shape}")
+    if igate.shape != q.shape[:3] or fgate.shape != q.shape[:3]:
+        raise ValueError(f"igate and fgate must have shape {tuple(q.shape[:3])}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _TL_DTYPES:
+        raise TypeError(f"q, k, v must share one of {list(_TL_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (igate.is_floating_point() and fgate.is_floating_point()):
+        raise TypeError("igate and fgate must be floating point")
+    if q.shape[3] % 16 != 0:
+        raise ValueError(f"head dim must be a multiple of 16, got {q.shape[3]}")
+
+
 @triton_op("vil::mlstm_chunkwise_fwd", mutates_args={})
 def _mlstm_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
@@ -830,16 +844,7 @@ def mlstm_chunkwise_triton(
     chunk_size: a power of two >= 16; S need not be a multiple of it.
     Returns h: (B, NH, S, DH) in v's dtype.
     """
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share a (B, NH, S, DH) shape, got {q.shape}, {k.shape}, {v.shape}")
-    if igate.shape != q.shape[:3] or fgate.shape != q.shape[:3]:
-        raise ValueError(f"igate and fgate must have shape {tuple(q.shape[:3])}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _TL_DTYPES:
-        raise TypeError(f"q, k, v must share one of {list(_TL_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (igate.is_floating_point() and fgate.is_floating_point()):
-        raise TypeError("igate and fgate must be floating point")
-    if q.shape[3] % 16 != 0:
-        raise ValueError(f"head dim must be a multiple of 16, got {q.shape[3]}")
+    _check_inputs(q, k, v, igate, fgate)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     if q.shape[2] == 0:
