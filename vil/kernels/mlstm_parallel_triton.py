@@ -38,7 +38,6 @@ products (no tf32).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -47,19 +46,12 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vil.kernels.mlstm_triton import (
-    _INTERPRET, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like,
+    _autotune_configs, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like, _strides4,
 )
 
 __all__ = ["mlstm_parallel_triton"]
 
-_AUTOTUNE = os.environ.get("VIL_TRITON_AUTOTUNE", "1") != "0"
 _SPLIT = True
-
-
-def _configs(warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
-    if _INTERPRET or not _AUTOTUNE:
-        return [triton.Config({}, num_warps=warps[0], num_stages=1 if _INTERPRET else stages[0])]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
 
 
 @triton.jit
@@ -119,7 +111,7 @@ def _decay_t(m_hi, m_lo, b_hi, b_lo, causal_t):
     return tl.where(causal_t, tl.exp((b_hi[:, None] - m_hi[None, :]) + (b_lo[:, None] - m_lo[None, :])), 0.0)
 
 
-@triton.autotune(configs=_configs((4, 8), (2, 3)), key=["S", "DH", "BM", "BN", "BV"])
+@triton.autotune(configs=_autotune_configs((4, 8), (2, 3)), key=["S", "DH", "BM", "BN", "BV"])
 @triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, h_ptr, gate_ptr, floor_ptr, norm_ptr, den_ptr,
@@ -179,7 +171,7 @@ def _fwd_kernel(
 # of C_ij is dC_ij = inv_n_i (dh_i . v_j) + dden_i; that of the scaled score is dC_ij exp(b_j - M_i),
 # and that of log D_ij is G_ij = dC_ij C_ij. The gates get d igate_j = sum_i G_ij and
 # dF_i = sum_j G_ij - sum_k G_ki (row sum minus column sum), summed into d logsigmoid(fgate) outside.
-@triton.autotune(configs=_configs((4, 8), (2, 3)), key=["S", "DH", "BLOCK", "SUB", "BD"])
+@triton.autotune(configs=_autotune_configs((4, 8), (2, 3)), key=["S", "DH", "BLOCK", "SUB", "BD"])
 @triton.jit
 def _bwd_kernel(
     q_ptr, k_ptr, v_ptr, dh_ptr, gate_ptr, inv_norm_ptr, dden_ptr,
@@ -316,10 +308,6 @@ def _gate_planes(igate: torch.Tensor, fgate: torch.Tensor) -> tuple[torch.Tensor
     planes = torch.stack([*_split(b), *_split(running_max)]).view(4, B * NH, S)
     floor = torch.exp(-(log_f_cum + running_max)).float().reshape(B * NH, S)
     return planes.contiguous(), floor
-
-
-def _strides4(x: torch.Tensor) -> tuple[int, int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
 
 
 @triton_op("vil::mlstm_parallel_fwd", mutates_args={})
