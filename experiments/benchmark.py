@@ -3,12 +3,14 @@
 For each model size and resolution it times a full training step (bf16 autocast forward, backward, AdamW
 step) and inference, eager and torch.compile'd, and reports images/s, the ratio to DeiT of the same size
 (each at its best setting) and peak memory. ``compiled`` compiles ViL block by block
-(``VisionLSTM.compile_blocks``) and DeiT whole. The ``authors`` column is ViL with the quadratic parallel
+(``VisionLSTM.compile_blocks``) and DeiT whole; ``cudagraphs`` does the same with
+``mode="reduce-overhead"``, which replays each compiled graph as a CUDA graph (no per-kernel launch cost;
+its peak memory counts the graphs' memory pools, allocated during warm-up). The ``authors`` column is ViL with the quadratic parallel
 mLSTM form at every length, compiled, the algorithm of the authors' release; ``vil`` uses
 ``mlstm_form="auto"``: the fused Triton kernels on CUDA.
 
     python experiments/benchmark.py                         # GPU: T/S/B at 224/384/512/768/1024
-    python experiments/benchmark.py --sizes tiny --res 224 512 1024 --modes compiled
+    python experiments/benchmark.py --sizes tiny --res 224 512 1024 --modes compiled cudagraphs
     python experiments/benchmark.py --quick                 # CPU smoke run with tiny models
 
 Writes ``benchmark.csv`` and ``benchmark.png`` (img/s vs resolution) under ``--out``.
@@ -34,6 +36,7 @@ SIZES = {  # name: (ViL model, timm DeiT model, batch size at 224)
     "base": ("vil2_base", "deit_base_patch16_224", 128),
 }
 QUICK = dict(dim=32, depth=2, patch_size=4)
+MODES = ("eager", "compiled", "cudagraphs")
 
 
 def build(kind: str, size: str, res: int, quick: bool) -> torch.nn.Module:
@@ -61,14 +64,18 @@ def _sync(device):
 
 
 def measure(model, batch: int, res: int, train: bool, device, steps: int, warmup: int,
-            min_seconds: float = 0.0) -> tuple[float, float]:
-    """(images per second, peak memory in GiB) over at least ``steps`` steps and ``min_seconds``."""
+            min_seconds: float = 0.0, cudagraphs: bool = False) -> tuple[float, float]:
+    """(images per second, peak memory in GiB) over at least ``steps`` steps and ``min_seconds``.
+    Peak memory is that of the timed steps, or with ``cudagraphs`` of the whole run: the graphs' memory
+    is set aside while they are recorded, in the warm-up."""
     x = torch.randn(batch, 3, res, res, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():
+        if cudagraphs:  # a new iteration: outputs of the previous replay may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         if train:
             with amp:
                 loss = F.cross_entropy(model(x), y)
@@ -80,10 +87,12 @@ def measure(model, batch: int, res: int, train: bool, device, steps: int, warmup
                 model(x)
 
     model.train(train)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     _sync(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not cudagraphs:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     done, elapsed = 0, 0.0
@@ -110,11 +119,14 @@ def run(args) -> list[dict]:
                                    task="train" if train else "infer")
                         try:
                             model = build(kind, size, res, args.quick).to(device)
-                            if mode == "compiled":
+                            if mode != "eager":
                                 torch._dynamo.reset()  # fresh compile caches: no recompile limits across runs
+                                kw = dict(mode="reduce-overhead") if mode == "cudagraphs" else {}
                                 # ViL: block-wise compilation, one compile for all blocks.
-                                model = model.compile_blocks() if hasattr(model, "compile_blocks") else torch.compile(model)
-                            ips, mem = measure(model, batch, res, train, device, args.steps, args.warmup, args.min_seconds)
+                                model = (model.compile_blocks(**kw) if hasattr(model, "compile_blocks")
+                                         else torch.compile(model, **kw))
+                            ips, mem = measure(model, batch, res, train, device, args.steps, args.warmup,
+                                               args.min_seconds, cudagraphs=mode == "cudagraphs")
                             row.update(img_s=ips, peak_gib=mem)
                         except torch.cuda.OutOfMemoryError:
                             row.update(img_s=float("nan"), peak_gib=float("nan"), note="OOM")
@@ -123,13 +135,13 @@ def run(args) -> list[dict]:
                             if device.type == "cuda":
                                 torch.cuda.empty_cache()
                         rows.append(row)
-                        print(f"  {size:5s} {res:5d} bs{batch:<4d} {kind:7s} {mode:8s} {row['task']:5s} "
+                        print(f"  {size:5s} {res:5d} bs{batch:<4d} {kind:8s} {mode:10s} {row['task']:5s} "
                               f"{row['img_s']:10.1f} img/s  {row['peak_gib']:6.2f} GiB", flush=True)
     return rows
 
 
 def best(rows, **match) -> dict | None:
-    """The fastest row (over eager/compiled) matching the given fields."""
+    """The fastest row (over the modes) matching the given fields."""
     cands = [r for r in rows if all(r[k] == v for k, v in match.items()) and not math.isnan(r["img_s"])]
     return max(cands, key=lambda r: r["img_s"]) if cands else None
 
@@ -201,7 +213,7 @@ def main(argv=None):
     p.add_argument("--res", nargs="+", type=int, default=[224, 384, 512, 768, 1024])
     p.add_argument("--kinds", nargs="+", default=["vil", "deit", "authors"],
                    choices=["vil", "vil-quad", "deit", "authors"], help="vil-quad: ViL with quad-directional traversal")
-    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled", "cudagraphs"], choices=MODES)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--min-seconds", type=float, default=2.0, help="time each setting for at least this long")
     p.add_argument("--warmup", type=int, default=3)

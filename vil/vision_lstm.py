@@ -156,9 +156,9 @@ class CausalConv1d(nn.Module):
         return self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
 
 
-def _fused_linear(x: torch.Tensor, *layers: nn.Module, dense: bool = False) -> tuple[torch.Tensor, ...]:
+def _fused_linear(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """Several linear layers on the same input as one matmul (one kernel, one read of x)."""
-    weights = [layer.dense_weight() if dense else layer.weight for layer in layers]
+    weights = [layer.weight for layer in layers]
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     return F.linear(x, torch.cat(weights), bias).split([w.shape[0] for w in weights], dim=-1)
 
@@ -221,17 +221,43 @@ class MLSTMLayer(nn.Module):
         out = x * center + self.conv.bias
         return out.index_copy(1, patch_index, y)
 
+    def _projections_dense(self, x_conv, x_mlstm):
+        """q, k, v and the gate pre-activations in two dense matmuls (the GPU path).
+
+        Dense block-diagonal weights (see BlockDiagonalLinear.dense_weight). The gates are linear in
+        q, k and v, hence in x_conv and x_mlstm: their weights are folded into the projections, which
+        spares the concatenation of q, k, v and a matmul of its own. The gate rows are zero-padded to
+        16 so that the outputs' rows stay 16-aligned, which the fast matmul kernels need.
+        """
+        inner, nh = self.inner, self.num_heads
+        pad = -(2 * nh) % 16
+        wq, wk, wv = (p.dense_weight() for p in (self.q_proj, self.k_proj, self.v_proj))
+        gate_w = F.pad(torch.cat([self.mlstm_cell.igate.weight, self.mlstm_cell.fgate.weight]), (0, 0, 0, pad))
+        gate_b = F.pad(torch.cat([self.mlstm_cell.igate.bias, self.mlstm_cell.fgate.bias]), (0, pad))
+        gq, gk, gv = gate_w.split(inner, dim=1)  # (2 NH + pad, inner) each
+        w_conv = torch.cat([wq, wk, gq @ wq + gk @ wk])
+        w_mlstm = torch.cat([wv, gv @ wv])
+        if self.q_proj.bias is None:
+            b_conv, b_mlstm = F.pad(gate_b, (2 * inner, 0)), None
+        else:
+            bq, bk, bv = self.q_proj.bias, self.k_proj.bias, self.v_proj.bias
+            b_conv = torch.cat([bq, bk, gq @ bq + gk @ bk + gate_b])
+            b_mlstm = torch.cat([bv, gv @ bv])
+        q, k, gates_conv = F.linear(x_conv, w_conv, b_conv).split([inner, inner, 2 * nh + pad], dim=-1)
+        v, gates_mlstm = F.linear(x_mlstm, w_mlstm, b_mlstm).split([inner, 2 * nh + pad], dim=-1)
+        igate, fgate = (gates_conv + gates_mlstm)[..., : 2 * nh].split(nh, dim=-1)
+        return q, k, v, igate, fgate
+
     def forward(self, x, grid: tuple[int, int], patch_index: torch.Tensor | None = None):
         B, N, _ = x.shape
         x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)
         x_conv = F.silu(self._conv(x_mlstm, grid, patch_index))
-        if x_conv.is_cuda:  # one dense matmul for both (see BlockDiagonalLinear.dense_weight)
-            q, k = _fused_linear(x_conv, self.q_proj, self.k_proj, dense=True)
+        if x_conv.is_cuda:
+            q, k, v, igate, fgate = self._projections_dense(x_conv, x_mlstm)
         else:
-            q, k = self.q_proj(x_conv), self.k_proj(x_conv)
-        v = self.v_proj(x_mlstm)
-        gates = _fused_linear(torch.cat([q, k, v], dim=-1), self.mlstm_cell.igate, self.mlstm_cell.fgate)
-        igate, fgate = (g.transpose(1, 2) for g in gates)  # (B, NH, N)
+            q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
+            igate, fgate = _fused_linear(torch.cat([q, k, v], dim=-1), self.mlstm_cell.igate, self.mlstm_cell.fgate)
+        igate, fgate = igate.transpose(1, 2), fgate.transpose(1, 2)  # (B, NH, N)
         q, k, v = (t.view(B, N, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
         h = mlstm(q, k, v, igate, fgate, form=self.mlstm_form, chunk_size=self.chunk_size)
         h = self.mlstm_cell.outnorm(h) + self.learnable_skip * x_conv

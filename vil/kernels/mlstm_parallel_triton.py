@@ -25,7 +25,7 @@ Kernels (BH = batch * heads, T = token tiles of BLOCK, NV / ND = feature tiles):
                               tile t (over key tiles <= t), so every program does the same number of
                               tile pairs. Also the gate-gradient row and column sums.
 
-The gate pre- and post-processing (cumulative sums and maxima over S, per head) is plain PyTorch.
+Two small kernels do the gate pre- and post-processing (cumulative sums and maxima over S, per head).
 The stabilizer is held constant in the backward pass: it cancels from h except through eps.
 
 Precision: half-precision inputs use half-precision tensor-core operands with float32 accumulation.
@@ -40,13 +40,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vil.kernels.mlstm_triton import (
-    _autotune_configs, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like, _strides4,
+    _autotune_configs, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like, _max_combine,
+    _strides4,
 )
 
 __all__ = ["mlstm_parallel_triton"]
@@ -109,6 +109,74 @@ def _decay(m_hi, m_lo, b_hi, b_lo, causal):
 def _decay_t(m_hi, m_lo, b_hi, b_lo, causal_t):
     # The transpose of _decay: rows index keys, columns queries.
     return tl.where(causal_t, tl.exp((b_hi[:, None] - m_hi[None, :]) + (b_lo[:, None] - m_lo[None, :])), 0.0)
+
+
+# Gate pre- and post-processing: one program per (batch, head) walks the sequence in blocks, carrying
+# the running sums and maxima, in float64.
+@triton.jit
+def _gate_planes_kernel(
+    ig_ptr, fg_ptr, gate_ptr, floor_ptr,
+    stride_ib, stride_ih, stride_is, stride_fb, stride_fh, stride_fs,
+    NH, S, BLOCK: tl.constexpr,
+):
+    """The four gate planes and the normalizer floor exp(-m_i) = exp(-(F_i + M_i))."""
+    pid_bh = tl.program_id(0)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    row = pid_bh.to(tl.int64) * S
+    BHS = tl.num_programs(0).to(tl.int64) * S
+    f_carry = tl.full([], 0.0, tl.float64)
+    m_carry = tl.full([], float("-inf"), tl.float64)
+    for s0 in range(0, S, BLOCK):
+        offs = s0 + tl.arange(0, BLOCK)
+        ok = offs < S
+        fg = tl.load(fg_ptr + i_b * stride_fb + i_h * stride_fh + offs * stride_fs, mask=ok, other=0.0)
+        # Padding lies after every real token: the prefix scans keep it out of real positions.
+        ig = tl.load(ig_ptr + i_b * stride_ib + i_h * stride_ih + offs * stride_is, mask=ok, other=0.0)
+        fg = fg.to(tl.float64)
+        log_f = tl.where(ok, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)
+        f_cum = f_carry + tl.cumsum(log_f, 0)
+        b = ig.to(tl.float64) - f_cum
+        running_max = tl.maximum(tl.associative_scan(b, 0, _max_combine), m_carry)
+        b_hi = b.to(tl.float32)
+        m_hi = running_max.to(tl.float32)
+        tl.store(gate_ptr + row + offs, b_hi, mask=ok)
+        tl.store(gate_ptr + BHS + row + offs, (b - b_hi.to(tl.float64)).to(tl.float32), mask=ok)
+        tl.store(gate_ptr + 2 * BHS + row + offs, m_hi, mask=ok)
+        tl.store(gate_ptr + 3 * BHS + row + offs, (running_max - m_hi.to(tl.float64)).to(tl.float32), mask=ok)
+        tl.store(floor_ptr + row + offs, tl.exp(-(f_cum + running_max)).to(tl.float32), mask=ok)
+        f_carry += tl.sum(log_f, 0)
+        m_carry = tl.maximum(m_carry, tl.max(b, 0))
+
+
+@triton.jit
+def _gate_grads_kernel(
+    rowg_ptr, colg_ptr, fg_ptr, dig_ptr, dfg_ptr,
+    stride_fb, stride_fh, stride_fs, stride_gb, stride_gh, stride_gs, stride_xb, stride_xh, stride_xs,
+    NH, S, BLOCK: tl.constexpr,
+):
+    """d igate_j = colg_j; d logsigmoid(fgate_l) = sum_{i >= l} (rowg_i - colg_i), a suffix sum taken
+    from the end in float64 (row and column sums nearly cancel for strongly forgetting tokens)."""
+    pid_bh = tl.program_id(0)
+    i_b = (pid_bh // NH).to(tl.int64)
+    i_h = (pid_bh % NH).to(tl.int64)
+    row = pid_bh.to(tl.int64) * S
+    carry = tl.full([], 0.0, tl.float64)
+    num_blocks = tl.cdiv(S, BLOCK)
+    for i in range(num_blocks):
+        offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < S
+        colg = tl.load(colg_ptr + row + offs, mask=ok, other=0.0)
+        diff = tl.load(rowg_ptr + row + offs, mask=ok, other=0.0).to(tl.float64) - colg.to(tl.float64)
+        dlog_f = carry + tl.cumsum(diff, 0, reverse=True)
+        carry += tl.sum(diff, 0)
+        fg = tl.load(fg_ptr + i_b * stride_fb + i_h * stride_fh + offs * stride_fs, mask=ok, other=0.0)
+        dfg = dlog_f / (1.0 + tl.exp(fg.to(tl.float64)))  # times sigmoid(-fgate)
+        tl.store(dig_ptr + i_b * stride_gb + i_h * stride_gh + offs * stride_gs,
+                 _cast(colg, dig_ptr.dtype.element_ty), mask=ok)
+        tl.store(dfg_ptr + i_b * stride_xb + i_h * stride_xh + offs * stride_xs,
+                 _cast(dfg, dfg_ptr.dtype.element_ty), mask=ok)
+
 
 
 @triton.autotune(configs=_autotune_configs((4, 8), (2, 3)), key=["S", "DH", "BM", "BN", "BV"])
@@ -283,39 +351,49 @@ def _bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _block_sizes(S: int, DH: int) -> dict:
+def _block_sizes(S: int, DH: int, itemsize: int) -> dict:
     """Tile sizes. The contraction over the head dim is one tl.dot over DH padded to a power of two
-    (DHP); outputs are tiled in the head dim by BV/BD <= 128 (each tile recomputing the scores)."""
+    (DHP); outputs are tiled in the head dim by BV/BD <= 128 (each tile recomputing the scores).
+    Token tiles shrink for wide rows (DHP * itemsize > 512 bytes) to fit shared memory."""
     dhp = max(16, triton.next_power_of_2(DH))
-    block = min(64 if dhp <= 256 else 32, max(16, triton.next_power_of_2(S)))
+    block = min(64 if dhp * itemsize <= 512 else 32, max(16, triton.next_power_of_2(S)))
     out = min(dhp, 128)
     fwd = dict(DHP=dhp, BM=block, BN=block, BV=out)
     bwd = dict(DHP=dhp, BLOCK=block, SUB=max(16, block // 2), BD=out)
     return fwd, bwd
 
 
-def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hi = x.float()
-    return hi, (x - hi.double()).float()
+_GATE_BLOCK = 256
 
 
 def _gate_planes(igate: torch.Tensor, fgate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(4, BH, S) float32 planes b_hi, b_lo, M_hi, M_lo and the normalizer floor exp(-m), (BH, S)."""
     B, NH, S = igate.shape
-    log_f_cum = F.logsigmoid(fgate.double()).cumsum(-1)
-    b = igate.double() - log_f_cum
-    running_max = b.cummax(-1).values
-    planes = torch.stack([*_split(b), *_split(running_max)]).view(4, B * NH, S)
-    floor = torch.exp(-(log_f_cum + running_max)).float().reshape(B * NH, S)
-    return planes.contiguous(), floor
+    planes = torch.empty(4, B * NH, S, device=igate.device, dtype=torch.float32)
+    floor = torch.empty(B * NH, S, device=igate.device, dtype=torch.float32)
+    wrap_triton(_gate_planes_kernel)[(B * NH,)](
+        igate, fgate, planes, floor, *igate.stride(), *fgate.stride(), NH, S, BLOCK=_GATE_BLOCK,
+    )
+    return planes, floor
+
+
+def _gate_grads(rowg, colg, igate, fgate) -> tuple[torch.Tensor, torch.Tensor]:
+    """d igate and d fgate from the row and column sums of the log-decay gradient."""
+    B, NH, S = igate.shape
+    digate, dfgate = torch.empty_like(igate), torch.empty_like(fgate)
+    wrap_triton(_gate_grads_kernel)[(B * NH,)](
+        rowg, colg, fgate, digate, dfgate, *fgate.stride(), *digate.stride(), *dfgate.stride(), NH, S,
+        BLOCK=_GATE_BLOCK,
+    )
+    return digate, dfgate
 
 
 @triton_op("vil::mlstm_parallel_fwd", mutates_args={})
 def _mlstm_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, NH, S, DH = q.shape
-    blocks, _ = _block_sizes(S, DH)
+    blocks, _ = _block_sizes(S, DH, q.element_size())
     planes, floor = _gate_planes(igate, fgate)
     # h stays float32: it feeds a normalization, and the backward pass needs it unrounded (dh . h).
     h = _empty_heads_like(v, torch.float32)
@@ -329,17 +407,17 @@ def _mlstm_fwd(
         NH, S, 1.0 / math.sqrt(DH), eps,
         DH=DH, **blocks, SPLIT=_SPLIT, **_dot_config(q.dtype),
     )
-    return h, norm, den
+    return h, norm, den, planes, floor  # all but h kept for the backward pass
 
 
 @triton_op("vil::mlstm_parallel_bwd", mutates_args={})
 def _mlstm_bwd(
     dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
-    igate: torch.Tensor, fgate: torch.Tensor, norm: torch.Tensor, den: torch.Tensor,
+    igate: torch.Tensor, fgate: torch.Tensor, norm: torch.Tensor, den: torch.Tensor, planes: torch.Tensor,
+    floor: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, NH, S, DH = q.shape
-    _, blocks = _block_sizes(S, DH)
-    planes, floor = _gate_planes(igate, fgate)
+    _, blocks = _block_sizes(S, DH, q.element_size())
     # n_i = max(|den_i|, exp(-m_i)) + eps, h_i = num_i / n_i: dL/dn_i = -(dh_i . h_i) / n_i.
     dnorm = -(dh.float() * h).sum(-1).reshape(B * NH, S) / norm
     dden = torch.where(den.abs() > floor, torch.where(den > 0, dnorm, -dnorm), 0.0)
@@ -353,20 +431,16 @@ def _mlstm_bwd(
         NH, S, 1.0 / math.sqrt(DH),
         DH=DH, **blocks, SPLIT=_SPLIT, **_dot_config(q.dtype),
     )
-    # d logsigmoid(fgate_l) = sum_{i >= l} dF_i, summed in float64: the suffix sums of row and
-    # column sums nearly cancel for strongly forgetting tokens.
-    dlog_f = (rowg.double() - colg.double()).flip(-1).cumsum(-1).flip(-1).view(B, NH, S)
-    dfgate = (dlog_f * torch.sigmoid(-fgate.double())).to(fgate.dtype)
-    return dq, dk, dv, colg.view(B, NH, S).to(igate.dtype), dfgate
+    return dq, dk, dv, *_gate_grads(rowg, colg, igate, fgate)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, igate, fgate, eps = inputs
-    h, norm, den = output
-    ctx.save_for_backward(q, k, v, h, igate, fgate, norm, den)
+    h, norm, den, planes, floor = output
+    ctx.save_for_backward(q, k, v, h, igate, fgate, norm, den, planes, floor)
 
 
-def _backward(ctx, dh, _dnorm, _dden):
+def _backward(ctx, dh, *_):
     return (*_mlstm_bwd(dh, *ctx.saved_tensors), None)
 
 
