@@ -156,6 +156,22 @@ class CausalConv1d(nn.Module):
         return self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
 
 
+def depthwise_conv2d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise 2D convolution (stride 1, zero "same" padding, odd kernel) of a (B, H, W, C) map, written as
+    a sum of shifted maps. Equal to ``F.conv2d(..., groups=C)``; the path under torch.compile, which fuses
+    it with its neighbours and computes its weight gradient as one reduction, where a library convolution
+    needs its input copied to a dense layout, forward and backward."""
+    kh, kw = weight.shape[-2:]
+    H, W = x.shape[1:3]
+    padded = F.pad(x, (0, 0, kw // 2, kw // 2, kh // 2, kh // 2))
+    w = weight.to(x.dtype)
+    out = 0.0 if bias is None else bias.to(x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out = out + padded[:, i : i + H, j : j + W] * w[:, 0, i, j]
+    return out
+
+
 def _fused_linear(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """Several linear layers on the same input as one matmul (one kernel, one read of x)."""
     weights = [layer.weight for layer in layers]
@@ -213,7 +229,10 @@ class MLSTMLayer(nn.Module):
         # 2d: the patch tokens, in this block's traversal order, form a (possibly flipped or transposed) grid.
         B, N, C = x.shape
         patches = x if patch_index is None else x[:, patch_index]
-        y = self.conv(patches.transpose(1, 2).reshape(B, C, *grid)).flatten(2).transpose(1, 2)
+        if torch.compiler.is_compiling():
+            y = depthwise_conv2d_channels_last(patches.view(B, *grid, C), self.conv.weight, self.conv.bias).flatten(1, 2)
+        else:
+            y = self.conv(patches.transpose(1, 2).reshape(B, C, *grid)).flatten(2).transpose(1, 2)
         if patch_index is None:
             return y
         # [CLS] tokens have no grid neighbours: the convolution sees them as an isolated pixel.
