@@ -3,10 +3,7 @@ import torch
 
 import vil
 from vil.checkpoint import CheckpointError
-from vil.vision_lstm import (
-    TRAVERSALS, BlockDiagonalLinear, MLSTMLayer, depthwise_conv2d_channels_last, from_traversal, to_traversal,
-    traversal_order,
-)
+from vil.vision_lstm import TRAVERSALS, BlockDiagonalLinear, MLSTMLayer, from_traversal, to_traversal, traversal_order
 
 SMALL = dict(dim=32, depth=2, patch_size=4, img_size=16, num_classes=5)
 
@@ -241,21 +238,6 @@ def test_compile_blocks_shares_one_graph_per_traversal_pattern(traversal, graphs
     torch.testing.assert_close(model(x), expected)
     # quad alternates two pairs of directions over the pairs: one graph for each
     assert counters["stats"]["unique_graphs"] == graphs
-
-
-@pytest.mark.parametrize("kernel_size,bias", [(3, True), (5, False)])
-def test_shifted_depthwise_conv_equals_conv2d(kernel_size, bias):
-    # The torch.compile path of the q/k convolution, against the library convolution, values and gradients.
-    C = 6
-    conv = torch.nn.Conv2d(C, C, kernel_size, padding=kernel_size // 2, groups=C, bias=bias).double()
-    x = torch.randn(2, 5, 7, C, dtype=torch.float64, requires_grad=True)  # (B, H, W, C)
-    expected = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    got = depthwise_conv2d_channels_last(x, conv.weight, conv.bias)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    dy = torch.randn_like(got)
-    params = [x, *conv.parameters()]
-    for a, b in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(expected, params, dy)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_block_diagonal_dense_weight_equals_the_block_product():

@@ -156,22 +156,6 @@ class CausalConv1d(nn.Module):
         return self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
 
 
-def depthwise_conv2d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise 2D convolution (stride 1, zero "same" padding, odd kernel) of a (B, H, W, C) map, written as
-    a sum of shifted maps. Equal to ``F.conv2d(..., groups=C)``; the path under torch.compile, which fuses
-    it with its neighbours and computes its weight gradient as one reduction, where a library convolution
-    needs its input copied to a dense layout, forward and backward."""
-    kh, kw = weight.shape[-2:]
-    H, W = x.shape[1:3]
-    padded = F.pad(x, (0, 0, kw // 2, kw // 2, kh // 2, kh // 2))
-    w = weight.to(x.dtype)
-    out = 0.0 if bias is None else bias.to(x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            out = out + padded[:, i : i + H, j : j + W] * w[:, 0, i, j]
-    return out
-
-
 def _fused_linear(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """Several linear layers on the same input as one matmul (one kernel, one read of x)."""
     weights = [layer.weight for layer in layers]
@@ -229,10 +213,7 @@ class MLSTMLayer(nn.Module):
         # 2d: the patch tokens, in this block's traversal order, form a (possibly flipped or transposed) grid.
         B, N, C = x.shape
         patches = x if patch_index is None else x[:, patch_index]
-        if torch.compiler.is_compiling():
-            y = depthwise_conv2d_channels_last(patches.view(B, *grid, C), self.conv.weight, self.conv.bias).flatten(1, 2)
-        else:
-            y = self.conv(patches.transpose(1, 2).reshape(B, C, *grid)).flatten(2).transpose(1, 2)
+        y = self.conv(patches.transpose(1, 2).reshape(B, C, *grid)).flatten(2).transpose(1, 2)
         if patch_index is None:
             return y
         # [CLS] tokens have no grid neighbours: the convolution sees them as an isolated pixel.
@@ -269,7 +250,11 @@ class MLSTMLayer(nn.Module):
 
     def forward(self, x, grid: tuple[int, int], patch_index: torch.Tensor | None = None):
         B, N, _ = x.shape
-        x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)
+        # Two matmuls rather than one and a split: each output is dense, which the convolution needs
+        # (it copies a strided input to a dense layout, forward and backward).
+        w_mlstm, w_z = self.proj_up.weight.chunk(2)
+        b_mlstm, b_z = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
+        x_mlstm, z = F.linear(x, w_mlstm, b_mlstm), F.linear(x, w_z, b_z)
         x_conv = F.silu(self._conv(x_mlstm, grid, patch_index))
         if x_conv.is_cuda:
             q, k, v, igate, fgate = self._projections_dense(x_conv, x_mlstm)
