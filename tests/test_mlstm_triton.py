@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from vil.kernels import mlstm_triton as _kernel_module  # noqa: E402
+from vil.kernels import mlstm_parallel_triton as _tiled_module  # noqa: E402
 from vil.kernels.mlstm_parallel_triton import mlstm_parallel_triton  # noqa: E402
 from vil.kernels.mlstm_triton import mlstm_chunkwise_triton  # noqa: E402
 
@@ -178,6 +179,30 @@ def test_half_precision_matches_reference(dtype, gate_dtype, gates, kernel):
 
 
 @runs_here
+@runs_here
+def test_gate_kernels_carry_across_blocks():
+    # The tiled kernel's gate pre- and post-processing walks the sequence in blocks of 256 tokens,
+    # carrying running sums and maxima; 600 tokens of strongly forgetting gates cross two carries.
+    B, NH, S = 2, 3, 600
+    gen = torch.Generator().manual_seed(0)
+    igate = (torch.randn(B, S, NH, generator=gen) * 10).transpose(1, 2)  # strided, as in the model
+    fgate = (torch.randn(B, S, NH, generator=gen) * 10).transpose(1, 2)
+    planes, floor = _tiled_module._gate_planes(igate, fgate)
+    log_f_cum = F.logsigmoid(fgate.double()).cumsum(-1)
+    b = igate.double() - log_f_cum
+    running_max = b.cummax(-1).values
+    for hi, lo, ref in ((planes[0], planes[1], b), (planes[2], planes[3], running_max)):
+        torch.testing.assert_close(hi.double() + lo.double(), ref.reshape(B * NH, S), rtol=1e-13, atol=1e-9)
+        assert torch.equal(hi, ref.reshape(B * NH, S).float())  # hi is the float32 rounding
+    torch.testing.assert_close(floor, torch.exp(-(log_f_cum + running_max)).float().reshape(B * NH, S))
+
+    rowg, colg = torch.randn(2, B * NH, S, generator=gen)
+    digate, dfgate = _tiled_module._gate_grads(rowg, colg, igate, fgate)
+    suffix = (rowg.double() - colg.double()).flip(-1).cumsum(-1).flip(-1).view(B, NH, S)
+    torch.testing.assert_close(dfgate, (suffix * torch.sigmoid(-fgate.double())).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(digate, colg.view(B, NH, S)) and digate.stride() == igate.stride()
+
+
 def test_input_validation():
     (q, k, v, igate, fgate), _ = make_inputs(1, 1, 8, 16, "normal")
     with pytest.raises(ValueError, match="multiple of 16"):
