@@ -45,8 +45,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vil.kernels.mlstm_triton import (
-    _autotune_configs, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like, _max_combine,
-    _strides4,
+    _autotune_configs, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like, _logsigmoid,
+    _max_combine, _strides4,
 )
 
 __all__ = ["mlstm_parallel_triton"]
@@ -134,7 +134,7 @@ def _gate_planes_kernel(
         # Padding lies after every real token: the prefix scans keep it out of real positions.
         ig = tl.load(ig_ptr + i_b * stride_ib + i_h * stride_ih + offs * stride_is, mask=ok, other=0.0)
         fg = fg.to(tl.float64)
-        log_f = tl.where(ok, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)
+        log_f = tl.where(ok, _logsigmoid(fg), 0.0)
         f_cum = f_carry + tl.cumsum(log_f, 0)
         b = ig.to(tl.float64) - f_cum
         running_max = tl.maximum(tl.associative_scan(b, 0, _max_combine), m_carry)

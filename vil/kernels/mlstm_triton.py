@@ -85,6 +85,12 @@ def _max_combine(a, b):
 
 
 @triton.jit
+def _logsigmoid(x):
+    # log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), without overflow.
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
 def _cast(x, dtype: tl.constexpr):
     if _EMULATE_BF16_RNE and dtype == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
@@ -227,7 +233,7 @@ def _fwd_states_kernel(
         # Gate prefix math in float64: cheap (L values per chunk) and exact to float32 afterwards.
         fg = tl.load(fg_base + offs_t * stride_fs, mask=valid, other=0.0).to(tl.float64)
         ig = tl.load(ig_base + offs_t * stride_is, mask=valid, other=float("-inf")).to(tl.float64)
-        log_f = tl.where(valid, tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg))), 0.0)
+        log_f = tl.where(valid, _logsigmoid(fg), 0.0)
         b = tl.cumsum(log_f, 0)
         # m_i = b_i + max(m_prev, max_{j<=i} (ig_j - b_j)). Padding (log f = 0, ig = -inf) repeats
         # the last real token, so position L-1 holds the chunk's last b and m.
