@@ -46,7 +46,7 @@ from torch.library import triton_op, wrap_triton
 
 from vil.kernels.mlstm_triton import (
     _autotune_configs, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like, _logsigmoid,
-    _max_combine, _strides4,
+    _max_combine, _split_hi_lo, _strides4,
 )
 
 __all__ = ["mlstm_parallel_triton"]
@@ -138,12 +138,12 @@ def _gate_planes_kernel(
         f_cum = f_carry + tl.cumsum(log_f, 0)
         b = ig.to(tl.float64) - f_cum
         running_max = tl.maximum(tl.associative_scan(b, 0, _max_combine), m_carry)
-        b_hi = b.to(tl.float32)
-        m_hi = running_max.to(tl.float32)
+        b_hi, b_lo = _split_hi_lo(b)
+        m_hi, m_lo = _split_hi_lo(running_max)
         tl.store(gate_ptr + row + offs, b_hi, mask=ok)
-        tl.store(gate_ptr + BHS + row + offs, (b - b_hi.to(tl.float64)).to(tl.float32), mask=ok)
+        tl.store(gate_ptr + BHS + row + offs, b_lo, mask=ok)
         tl.store(gate_ptr + 2 * BHS + row + offs, m_hi, mask=ok)
-        tl.store(gate_ptr + 3 * BHS + row + offs, (running_max - m_hi.to(tl.float64)).to(tl.float32), mask=ok)
+        tl.store(gate_ptr + 3 * BHS + row + offs, m_lo, mask=ok)
         tl.store(floor_ptr + row + offs, tl.exp(-(f_cum + running_max)).to(tl.float32), mask=ok)
         f_carry += tl.sum(log_f, 0)
         m_carry = tl.maximum(m_carry, tl.max(b, 0))
@@ -176,7 +176,6 @@ def _gate_grads_kernel(
                  _cast(colg, dig_ptr.dtype.element_ty), mask=ok)
         tl.store(dfg_ptr + i_b * stride_xb + i_h * stride_xh + offs * stride_xs,
                  _cast(dfg, dfg_ptr.dtype.element_ty), mask=ok)
-
 
 
 @triton.autotune(configs=_autotune_configs((4, 8), (2, 3)), key=["S", "DH", "BM", "BN", "BV"])

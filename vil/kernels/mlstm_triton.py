@@ -91,6 +91,13 @@ def _logsigmoid(x):
 
 
 @triton.jit
+def _split_hi_lo(x):
+    # A float64 value as a float32 pair: its rounding and the float32 remainder.
+    hi = x.to(tl.float32)
+    return hi, (x - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
 def _cast(x, dtype: tl.constexpr):
     if _EMULATE_BF16_RNE and dtype == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
@@ -241,8 +248,7 @@ def _fwd_states_kernel(
         b_last = tl.sum(tl.where(offs_l == L - 1, b, 0.0))
         m_last = tl.sum(tl.where(offs_l == L - 1, m, 0.0))
         if (pid_k == 0) & (pid_v == 0):
-            b_hi = b.to(tl.float32)
-            b_lo = (b - b_hi.to(tl.float64)).to(tl.float32)
+            b_hi, b_lo = _split_hi_lo(b)
             tl.store(bh_row + offs_t, b_hi, mask=valid)
             tl.store(bh_row + BHS + offs_t, b_lo, mask=valid)
             tl.store(bh_row + 2 * BHS + offs_t, m.to(tl.float32), mask=valid)
