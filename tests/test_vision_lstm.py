@@ -291,3 +291,23 @@ def test_gpu_model_matches_cpu_model(monkeypatch):
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-5)
     for g_gpu, g_cpu in zip(grads_gpu, grads_cpu):
         assert ((g_gpu.cpu() - g_cpu).norm() / g_cpu.norm().clamp_min(1e-12)).item() < 1e-4
+
+
+@pytest.mark.parametrize("norm_bias", [True, False])
+def test_triton_form_matches_parallel_form(norm_bias):
+    # The Triton path (cell kernels with head norm, skip and output gate fused around them; on a CPU in
+    # Triton's interpreter) against the PyTorch parallel form, outputs and all parameter gradients.
+    pytest.importorskip("triton")
+    model = vil.create_model("vil2_nano", **SMALL, norm_bias=norm_bias, mlstm_form="parallel")
+    for p in model.parameters():  # away from the init's zeros, so that every gradient path carries signal
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 3, 16, 16)
+    outs, grads = [], []
+    for form in ("parallel", "triton"):
+        model.set_mlstm_form(form)
+        out = model(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), list(model.parameters())))
+    assert rel(outs[1], outs[0]) < 1e-5
+    for (name, _), a, b in zip(model.named_parameters(), *grads):
+        assert rel(a, b) < 1e-4, name

@@ -153,12 +153,9 @@ COMPILED_PARALLEL_MIN_HEAD_DIM = 128
 COMPILED_PARALLEL_MAX_TOKENS = 256
 
 
-def mlstm(q, k, v, igate, fgate, form: str = "parallel", chunk_size: int = 64, eps: float = 1e-6):
-    """Dispatch to one form of the mLSTM cell. ``auto`` uses the fused Triton kernels on CUDA (but the
-    compiled parallel form for wide heads and short sequences, see above) and the chunkwise PyTorch form
-    elsewhere. ``triton`` picks the tiled parallel-form kernel up to
-    ``TILED_MAX_TOKENS`` tokens (it returns h in float32, as it keeps it for its backward pass) and the
-    chunkwise kernel beyond."""
+def resolve_form(form: str, q: torch.Tensor) -> str:
+    """The form ``mlstm`` runs for queries like q: ``auto`` resolved, and ``triton`` as ``tiled`` (the
+    parallel-form kernels) or ``chunkwise_triton``."""
     if form == "auto":
         if not (q.is_cuda and _triton_available()):
             form = "chunkwise"
@@ -167,26 +164,42 @@ def mlstm(q, k, v, igate, fgate, form: str = "parallel", chunk_size: int = 64, e
             form = "parallel"
         else:
             form = "triton"
+    if form == "triton":
+        return "tiled" if q.shape[2] <= TILED_MAX_TOKENS else "chunkwise_triton"
+    if form not in MLSTM_FORMS:
+        raise ValueError(f"unknown mlstm form {form!r}; choose one of {MLSTM_FORMS}")
+    return form
+
+
+def kernel_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype the Triton kernels compute q, k, v in. A custom kernel is invisible to autocast: it gets
+    the half-precision operands that autocast would have given a matmul."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return q.dtype
+
+
+def mlstm(q, k, v, igate, fgate, form: str = "parallel", chunk_size: int = 64, eps: float = 1e-6):
+    """Dispatch to one form of the mLSTM cell. ``auto`` uses the fused Triton kernels on CUDA (but the
+    compiled parallel form for wide heads and short sequences, see above) and the chunkwise PyTorch form
+    elsewhere. ``triton`` picks the tiled parallel-form kernel up to
+    ``TILED_MAX_TOKENS`` tokens (it returns h in float32, as it keeps it for its backward pass) and the
+    chunkwise kernel beyond."""
+    form = resolve_form(form, q)
     if form == "parallel":
         return mlstm_parallel(q, k, v, igate, fgate, eps=eps)
     if form == "chunkwise":
         return mlstm_chunkwise(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps)
     if form == "recurrent":
         return mlstm_recurrent(q, k, v, igate, fgate, eps=eps)
-    if form == "triton":
-        if torch.is_autocast_enabled(q.device.type):
-            # A custom kernel is invisible to autocast: give it the half-precision operands that autocast
-            # would have given a matmul (q, k, v come out of float32 elementwise projections).
-            half = torch.get_autocast_dtype(q.device.type)
-            q, k, v = q.to(half), k.to(half), v.to(half)
-        if q.shape[2] <= TILED_MAX_TOKENS:
-            from vil.kernels.mlstm_parallel_triton import mlstm_parallel_triton
+    q, k, v = (t.to(kernel_dtype(q)) for t in (q, k, v))
+    if form == "tiled":
+        from vil.kernels.mlstm_parallel_triton import mlstm_parallel_triton
 
-            return mlstm_parallel_triton(q, k, v, igate, fgate, eps=eps)
-        from vil.kernels.mlstm_triton import mlstm_chunkwise_triton
+        return mlstm_parallel_triton(q, k, v, igate, fgate, eps=eps)
+    from vil.kernels.mlstm_triton import mlstm_chunkwise_triton
 
-        return mlstm_chunkwise_triton(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps)
-    raise ValueError(f"unknown mlstm form {form!r}; choose one of {MLSTM_FORMS}")
+    return mlstm_chunkwise_triton(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps)
 
 
 def _triton_available() -> bool:

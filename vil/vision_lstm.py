@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
-from vil.mlstm import MLSTM_FORMS, mlstm
+from vil.mlstm import MLSTM_FORMS, kernel_dtype, mlstm, resolve_form
 from vil.registry import register_model
 
 TRAVERSALS = {
@@ -263,8 +263,18 @@ class MLSTMLayer(nn.Module):
             igate, fgate = _fused_linear(torch.cat([q, k, v], dim=-1), self.mlstm_cell.igate, self.mlstm_cell.fgate)
         igate, fgate = igate.transpose(1, 2), fgate.transpose(1, 2)  # (B, NH, N)
         q, k, v = (t.view(B, N, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        outnorm = self.mlstm_cell.outnorm
+        if resolve_form(self.mlstm_form, q) == "tiled":
+            # The cell's kernels with the head norm, skip and output gate fused around them.
+            from vil.kernels.mlstm_gated_triton import mlstm_gated_triton
+
+            q, k, v, x_conv, z = (t.to(kernel_dtype(q)) for t in (q, k, v, x_conv, z))
+            h = mlstm_gated_triton(
+                q, k, v, igate, fgate, x_conv, z, outnorm.weight, outnorm.bias, self.learnable_skip, norm_eps=outnorm.eps
+            )
+            return self.proj_down(h)
         h = mlstm(q, k, v, igate, fgate, form=self.mlstm_form, chunk_size=self.chunk_size)
-        h = self.mlstm_cell.outnorm(h) + self.learnable_skip * x_conv
+        h = outnorm(h) + self.learnable_skip * x_conv
         return self.proj_down(h * F.silu(z))
 
 
@@ -281,11 +291,11 @@ class MLSTMBlock(nn.Module):
     def branch(self, x, layout):
         """The residual branch in original token order; ``layout`` maps directions to token orders."""
         order, inverse, grid, patch_index, image_grid = layout[self.direction]
-        x = self.norm(x)
         if order is None:  # patch tokens only: reorder by flips and transposes
-            x = from_traversal(self.layer(to_traversal(x, self.direction, image_grid), grid), self.direction, image_grid)
+            x = to_traversal(x, self.direction, image_grid)
+            x = from_traversal(self.layer(self.norm(x), grid), self.direction, image_grid)
         else:
-            x = self.layer(x[:, order], grid, patch_index)[:, inverse]
+            x = self.layer(self.norm(x)[:, order], grid, patch_index)[:, inverse]
         return self.drop_path(x)
 
     def forward(self, x, layout):

@@ -395,10 +395,8 @@ def _gate_grads(rowg, colg, igate, fgate) -> tuple[torch.Tensor, torch.Tensor]:
     return digate, dfgate
 
 
-@triton_op("vil::mlstm_parallel_fwd", mutates_args={})
-def _mlstm_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def cell_forward(q, k, v, igate, fgate, eps: float):
+    """Launches the forward pass: h (float32) and what the backward pass keeps (norm, den, planes, floor)."""
     B, NH, S, DH = q.shape
     blocks, _ = _block_sizes(S, DH, q.element_size())
     planes, floor = _gate_planes(igate, fgate)
@@ -414,19 +412,16 @@ def _mlstm_fwd(
         NH, S, 1.0 / math.sqrt(DH), eps,
         DH=DH, **blocks, SPLIT=_SPLIT, **_dot_config(q.dtype),
     )
-    return h, norm, den, planes, floor  # all but h kept for the backward pass
+    return h, norm, den, planes, floor
 
 
-@triton_op("vil::mlstm_parallel_bwd", mutates_args={})
-def _mlstm_bwd(
-    dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
-    igate: torch.Tensor, fgate: torch.Tensor, norm: torch.Tensor, den: torch.Tensor, planes: torch.Tensor,
-    floor: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor):
+    """Launches the backward pass from dh and the row sums dh . h, (B * NH, S) in float32:
+    dq, dk, dv, d igate, d fgate."""
     B, NH, S, DH = q.shape
     _, blocks = _block_sizes(S, DH, q.element_size())
     # n_i = max(|den_i|, exp(-m_i)) + eps, h_i = num_i / n_i: dL/dn_i = -(dh_i . h_i) / n_i.
-    dnorm = -(dh.float() * h).sum(-1).reshape(B * NH, S) / norm
+    dnorm = -dh_dot_h / norm
     dden = torch.where(den.abs() > floor, torch.where(den > 0, dnorm, -dnorm), 0.0)
     dq, dk, dv = _empty_heads_like(q), _empty_heads_like(k), _empty_heads_like(v)
     rowg = torch.empty(B * NH, S, device=q.device, dtype=torch.float32)
@@ -439,6 +434,24 @@ def _mlstm_bwd(
         DH=DH, **blocks, SPLIT=_SPLIT, **_dot_config(q.dtype),
     )
     return dq, dk, dv, *_gate_grads(rowg, colg, igate, fgate)
+
+
+@triton_op("vil::mlstm_parallel_fwd", mutates_args={})
+def _mlstm_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cell_forward(q, k, v, igate, fgate, eps)  # all but h kept for the backward pass
+
+
+@triton_op("vil::mlstm_parallel_bwd", mutates_args={})
+def _mlstm_bwd(
+    dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
+    igate: torch.Tensor, fgate: torch.Tensor, norm: torch.Tensor, den: torch.Tensor, planes: torch.Tensor,
+    floor: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, NH, S, DH = q.shape
+    dh_dot_h = (dh.float() * h).sum(-1).reshape(B * NH, S)
+    return cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor)
 
 
 def _setup_context(ctx, inputs, output):
