@@ -292,13 +292,22 @@ class MLSTMBlock(nn.Module):
         """The residual branch in original token order; ``layout`` maps directions to token orders."""
         order, inverse, grid, patch_index, image_grid = layout[self.direction]
         if order is None:  # patch tokens only: reorder by flips and transposes
-            x = to_traversal(x, self.direction, image_grid)
-            x = from_traversal(self.layer(self.norm(x), grid), self.direction, image_grid)
+            x = from_traversal(self.layer(self.norm(to_traversal(x, self.direction, image_grid)), grid),
+                               self.direction, image_grid)
         else:
             x = self.layer(self.norm(x)[:, order], grid, patch_index)[:, inverse]
         return self.drop_path(x)
 
     def forward(self, x, layout):
+        order, _, grid, _, image_grid = layout[self.direction]
+        if order is None:
+            # The whole residual step in traversal order: norm and residual add act per token, so this equals
+            # x + branch(x), and under torch.compile the reorderings fuse into the residual adds' stores
+            # instead of into the norm's reductions, where they are slow.
+            x = to_traversal(x, self.direction, image_grid)
+            x = x + self.drop_path(self.layer(self.norm(x), grid))
+            # contiguous: the next block (or compiled graph) then sees the same layout after any direction
+            return from_traversal(x, self.direction, image_grid).contiguous()
         return x + self.branch(x, layout)
 
 
@@ -541,7 +550,9 @@ class VisionLSTM(nn.Module):
         if self.pos_embed is not None:
             x = self.pos_embed(x)
         grid = tuple(x.shape[1:3])
-        x = x.flatten(1, 2)
+        # Token-major memory: the patch convolution's output is channel-major, and the blocks' norms and
+        # matmuls are faster on rows of contiguous features.
+        x = x.flatten(1, 2).contiguous()
         if self.cls_token is not None:
             slots = self._cls_slots(x.shape[1])
             parts, prev = [], 0
