@@ -311,3 +311,13 @@ def test_triton_form_matches_parallel_form(norm_bias):
     assert rel(outs[1], outs[0]) < 1e-5
     for (name, _), a, b in zip(model.named_parameters(), *grads):
         assert rel(a, b) < 1e-4, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_torch_compile_traces_the_kernel_path_without_graph_breaks():
+    model = vil.create_model("vil2_nano", dim=64, depth=2, img_size=64, mlstm_form="auto").cuda()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
