@@ -11,10 +11,13 @@ Under torch.compile the same composition costs several elementwise and reduction
 backward, each a pass over float32 tensors of the layer's width. Here it is one pass each way:
 
     _norm_gate_fwd_kernel  (S/BT, NH, B)  out from h, x, z.
-    _norm_gate_bwd_kernel  (S/BT, NH, B)  dh (in the cell's input dtype, as its products round it to
-                                          that anyway), the row sums dh . h in float32 that the cell's
-                                          backward pass needs, dz, dx, and per-tile partial sums of the
-                                          weight gradients (summed over tiles outside).
+    _norm_gate_bwd_kernel  (S/(BT*TILES), NH, B)  dh (in the cell's input dtype, as its products round
+                                          it to that anyway), the row sums dh . h in float32 that the
+                                          cell's backward pass needs, dz, dx, and per-program partial
+                                          sums of the weight gradients (summed over programs outside).
+
+In a ViL-T training step at 224 (H100, bf16) the composition took about 13 ms of GPU time; these two
+kernels take 6.1 ms.
 """
 from __future__ import annotations
 
@@ -145,7 +148,7 @@ def _norm_gate_bwd_kernel(
 
 
 # Elements per tile, warps, and (backward) token tiles per program: the fastest measured on an H100 for
-# ViL-T heads at 196 tokens (forward 67 us per call, backward about 200 us; a copy of x takes 32 us).
+# ViL-T heads at 196 tokens, batch 256 (forward 68 us per call, backward 187 us; a copy of x takes 32 us).
 # The backward kernel keeps many tiles live: larger tiles spill registers.
 _FWD = dict(elements=4096, warps=4)
 _BWD = dict(elements=1024, warps=2, tiles=4)
