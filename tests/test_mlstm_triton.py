@@ -292,6 +292,7 @@ _TRACE_SCRIPT = textwrap.dedent(
     triton.runtime.driver.set_active(TargetOnlyDriver())
     import sys
     from torch._dynamo.backends.common import aot_autograd
+    from vil.kernels.mlstm_gated_triton import mlstm_gated_triton
     from vil.kernels.mlstm_parallel_triton import mlstm_parallel_triton
     from vil.kernels.mlstm_triton import mlstm_chunkwise_triton
 
@@ -308,6 +309,9 @@ _TRACE_SCRIPT = textwrap.dedent(
     def block(x, gates):
         q, k, v = (t.transpose(1, 2) for t in x.view(B, S, 3, NH, DH).unbind(2))
         igate, fgate = (t.transpose(1, 2) for t in gates.view(B, S, 2, NH).unbind(2))
+        if sys.argv[1] == "gated":  # x and z: the q and k features, reused (traced only)
+            C = NH * DH
+            return mlstm_gated_triton(q, k, v, igate, fgate, x[..., :C], x[..., C : 2 * C], *params)
         if sys.argv[1] == "tiled":
             h = mlstm_parallel_triton(q, k, v, igate, fgate)
         else:
@@ -318,6 +322,7 @@ _TRACE_SCRIPT = textwrap.dedent(
     compiled = torch.compile(block, backend=backend, fullgraph=True)
     x = torch.randn(B, S, 3 * NH * DH, device="meta", requires_grad=True)
     gates = torch.randn(B, S, 2 * NH, device="meta", requires_grad=True)
+    params = [torch.randn(NH * DH, device="meta", requires_grad=True) for _ in range(3)]  # norm w, b, skip
     compiled(x, gates).sum().backward()  # meta tensors: traced and run, nothing launched
     for name in ("fw", "bw"):
         for node in graphs[name].graph.nodes:
@@ -329,7 +334,11 @@ _TRACE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize(
     "kernel,launches,h_written",
-    [("chunkwise", ["fw"] * 2 + ["bw"] * 5, ["h_ptr"]), ("tiled", ["fw"] * 2 + ["bw"] * 2, ["den_ptr", "h_ptr", "norm_ptr"])],
+    [
+        ("chunkwise", ["fw"] * 2 + ["bw"] * 5, ["h_ptr"]),
+        ("tiled", ["fw"] * 2 + ["bw"] * 2, ["den_ptr", "h_ptr", "norm_ptr"]),
+        ("gated", ["fw"] * 3 + ["bw"] * 3, ["out_ptr"]),  # the cell's launches and the output stage's
+    ],
 )
 def test_torch_compile_traces_forward_and_backward(kernel, launches, h_written):
     """torch.compile(fullgraph=True) traces both custom ops into Triton kernel nodes, and torch's
@@ -347,7 +356,8 @@ def test_torch_compile_traces_forward_and_backward(kernel, launches, h_written):
     written = [(graph, ast.literal_eval(names)) for graph, names in lines]
     assert [graph for graph, _ in written] == launches, proc.stdout
     assert written[launches.count("fw") - 1][1] == h_written
-    inputs = {"q_ptr", "k_ptr", "v_ptr", "ig_ptr", "fg_ptr", "dh_ptr"}
+    inputs = {"q_ptr", "k_ptr", "v_ptr", "ig_ptr", "fg_ptr"}
+    inputs |= {"x_ptr", "z_ptr", "dout_ptr"} if kernel == "gated" else {"dh_ptr"}  # there dh is computed
     assert not any(inputs & set(names) for _, names in written), proc.stdout
 
 
