@@ -28,22 +28,31 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from vil.kernels.mlstm_parallel_triton import cell_backward, cell_forward
+from vil.kernels.mlstm_parallel_triton import _tile, cell_backward, cell_forward
 from vil.kernels.mlstm_triton import _cast, _check_inputs, _empty_heads_like, _strides3, _strides4
 
 __all__ = ["mlstm_gated_triton"]
 
 
 @triton.jit
-def _head_rows(h_ptr, i_b, i_h, offs_t, offs_d, stride_hb, stride_hh, stride_hs, stride_hd, mask,
+def _head_rows(h_ptr, i_b, i_h, offs_t, offs_d, stride_hb, stride_hh, stride_hs, stride_hd, t_ok, d_ok,
                DH: tl.constexpr, eps: tl.constexpr):
     # A tile of h rows of one head, normalized over the head dim: (h, hn, 1/std), padding zero.
-    h = tl.load(h_ptr + i_b * stride_hb + i_h * stride_hh + offs_t[:, None] * stride_hs + offs_d[None, :] * stride_hd,
-                mask=mask, other=0.0).to(tl.float32)
+    h = _tile(h_ptr + i_b * stride_hb + i_h * stride_hh, offs_t, offs_d, stride_hs, stride_hd, t_ok, d_ok)
+    h = h.to(tl.float32)
     mean = tl.sum(h, 1) / DH
-    centered = tl.where(mask, h - mean[:, None], 0.0)
+    centered = tl.where(t_ok[:, None] & d_ok[None, :], h - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / DH + eps)
     return h, centered * rstd[:, None], rstd
+
+
+@triton.jit
+def _channel_params(w_ptr, b_ptr, skip_ptr, c, d_ok, HAS_BIAS: tl.constexpr):
+    # The norm's scale 1 + w, its bias (zero without one) and the skip weight of channels c.
+    w = 1.0 + tl.load(w_ptr + c, mask=d_ok, other=0.0).to(tl.float32)
+    bias = tl.load(b_ptr + c, mask=d_ok & HAS_BIAS, other=0.0).to(tl.float32)
+    skip = tl.load(skip_ptr + c, mask=d_ok, other=0.0).to(tl.float32)
+    return w, bias, skip
 
 
 @triton.jit
@@ -57,24 +66,20 @@ def _norm_gate_fwd_kernel(
     i_h = tl.program_id(1).to(tl.int64)
     i_b = tl.program_id(2).to(tl.int64)
     offs_t = pid_t * BT + tl.arange(0, BT)
+    t_ok = offs_t < S
     offs_d = tl.arange(0, DHP)
     d_ok = offs_d < DH
-    mask = (offs_t < S)[:, None] & d_ok[None, :]
-    _, hn, _ = _head_rows(h_ptr, i_b, i_h, offs_t, offs_d, stride_hb, stride_hh, stride_hs, stride_hd, mask, DH, eps)
+    _, hn, _ = _head_rows(h_ptr, i_b, i_h, offs_t, offs_d, stride_hb, stride_hh, stride_hs, stride_hd, t_ok, d_ok,
+                          DH, eps)
 
     c = i_h * DH + offs_d  # channel in the layer's width
-    w = 1.0 + tl.load(w_ptr + c, mask=d_ok, other=0.0).to(tl.float32)
-    skip = tl.load(skip_ptr + c, mask=d_ok, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + i_b * stride_xb + offs_t[:, None] * stride_xs + c[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + i_b * stride_zb + offs_t[:, None] * stride_zs + c[None, :] * stride_zc,
-                mask=mask, other=0.0).to(tl.float32)
-    pre = hn * w[None, :] + skip[None, :] * x
-    if HAS_BIAS:
-        pre += tl.load(b_ptr + c, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    w, bias, skip = _channel_params(w_ptr, b_ptr, skip_ptr, c, d_ok, HAS_BIAS)
+    x = _tile(x_ptr + i_b * stride_xb, offs_t, c, stride_xs, stride_xc, t_ok, d_ok).to(tl.float32)
+    z = _tile(z_ptr + i_b * stride_zb, offs_t, c, stride_zs, stride_zc, t_ok, d_ok).to(tl.float32)
+    pre = hn * w[None, :] + skip[None, :] * x + bias[None, :]
     out = pre * z * tl.sigmoid(z)
     tl.store(out_ptr + i_b * stride_ob + offs_t[:, None] * stride_os + c[None, :] * stride_oc,
-             _cast(out, out_ptr.dtype.element_ty), mask=mask)
+             _cast(out, out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -97,9 +102,7 @@ def _norm_gate_bwd_kernel(
     offs_d = tl.arange(0, DHP)
     d_ok = offs_d < DH
     c = i_h * DH + offs_d  # channel in the layer's width
-    w = 1.0 + tl.load(w_ptr + c, mask=d_ok, other=0.0).to(tl.float32)
-    skip = tl.load(skip_ptr + c, mask=d_ok, other=0.0).to(tl.float32)
-    bias = tl.load(b_ptr + c, mask=d_ok & HAS_BIAS, other=0.0).to(tl.float32)
+    w, bias, skip = _channel_params(w_ptr, b_ptr, skip_ptr, c, d_ok, HAS_BIAS)
     acc_w = tl.zeros([BT, DHP], dtype=tl.float32)
     acc_b = tl.zeros([BT, DHP], dtype=tl.float32)
     acc_s = tl.zeros([BT, DHP], dtype=tl.float32)
@@ -108,13 +111,10 @@ def _norm_gate_bwd_kernel(
         t_ok = offs_t < S
         mask = t_ok[:, None] & d_ok[None, :]
         h, hn, rstd = _head_rows(h_ptr, i_b, i_h, offs_t, offs_d, stride_hb, stride_hh, stride_hs, stride_hd,
-                                 mask, DH, eps)
-        x = tl.load(x_ptr + i_b * stride_xb + offs_t[:, None] * stride_xs + c[None, :] * stride_xc,
-                    mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + i_b * stride_zb + offs_t[:, None] * stride_zs + c[None, :] * stride_zc,
-                    mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + i_b * stride_db + offs_t[:, None] * stride_ds + c[None, :] * stride_dc,
-                       mask=mask, other=0.0).to(tl.float32)
+                                 t_ok, d_ok, DH, eps)
+        x = _tile(x_ptr + i_b * stride_xb, offs_t, c, stride_xs, stride_xc, t_ok, d_ok).to(tl.float32)
+        z = _tile(z_ptr + i_b * stride_zb, offs_t, c, stride_zs, stride_zc, t_ok, d_ok).to(tl.float32)
+        dout = _tile(dout_ptr + i_b * stride_db, offs_t, c, stride_ds, stride_dc, t_ok, d_ok).to(tl.float32)
         sig = tl.sigmoid(z)
         g = dout * z * sig  # gradient of the gate's input
         pre = hn * w[None, :] + skip[None, :] * x + bias[None, :]
