@@ -121,6 +121,17 @@ def test_fp32_matches_reference(B, NH, S, DH, chunk_size, gates, kernel):
 
 
 @runs_here
+@pytest.mark.parametrize("dtype,gates,tol", [(torch.float32, "wide", 1e-4), (torch.bfloat16, "normal", 2e-3)])
+def test_tiled_wide_heads_match_reference(dtype, gates, tol):
+    # Heads of at least CHUNKED_MIN_HEAD_DIM are contracted in head-dim chunks (160 = 5 x 32) and their
+    # outputs tiled by 128 (a full and a partial tile).
+    assert 160 >= _tiled_module.CHUNKED_MIN_HEAD_DIM
+    inputs, dh = make_inputs(1, 2, 37, 160, gates, dtype=dtype)
+    outs, refs = run_kernel_and_reference(inputs, dh, None, "tiled")
+    assert_all_close(outs, refs, tol)
+
+
+@runs_here
 @with_kernels
 def test_single_token(kernel):
     # With one token and |den| > exp(-m), h = v * sign(C) |C| / (|C| + eps): the gradients w.r.t.

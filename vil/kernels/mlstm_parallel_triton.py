@@ -70,6 +70,22 @@ def _tile_t(base, offs_t, offs_d, stride_s, stride_d, t_ok, d_ok):
 
 
 @triton.jit
+def _gram(a_base, b_base, offs_a, offs_b, a_ok, b_ok, stride_as, stride_ad, stride_bs, stride_bd, acc,
+          DH: tl.constexpr, KC: tl.constexpr,
+          OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    # acc + A B^T for the row tiles offs_a of A and offs_b of B, two (S, DH) matrices, loaded here: the
+    # head dim is contracted in chunks of KC, a power of two that divides DH (192 = 3 x 64,
+    # 384 = 3 x 128), so no product is spent on padding and no wide operand stays in registers.
+    for k0 in tl.static_range(0, DH, KC):
+        offs_k = k0 + tl.arange(0, KC)
+        k_ok = offs_k < DH
+        a = _tile(a_base, offs_a, offs_k, stride_as, stride_ad, a_ok, k_ok)
+        b = _tile_t(b_base, offs_b, offs_k, stride_bs, stride_bd, b_ok, k_ok)
+        acc = _dot(a, b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
+    return acc
+
+
+@triton.jit
 def _weighted(a, b, acc, SPLIT: tl.constexpr,
               OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     # acc + a @ b for a float32 a (decay-weighted) and an input-dtype b; with SPLIT, a keeps ~16
@@ -187,8 +203,8 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_hb, stride_hh, stride_hs, stride_hd,
     NH, S, scale: tl.constexpr, eps: tl.constexpr,
-    DH: tl.constexpr, DHP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
-    SPLIT: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DH: tl.constexpr, DHP: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BV: tl.constexpr, SPLIT: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Output tile (query tile pid_m, value features of tile pid_v)."""
     pid_m = tl.program_id(0)
@@ -196,6 +212,7 @@ def _fwd_kernel(
     pid_bh = tl.program_id(2)
     i_b = (pid_bh // NH).to(tl.int64)
     i_h = (pid_bh % NH).to(tl.int64)
+    q_base = q_ptr + i_b * stride_qb + i_h * stride_qh
     k_base = k_ptr + i_b * stride_kb + i_h * stride_kh
     v_base = v_ptr + i_b * stride_vb + i_h * stride_vh
     row = pid_bh.to(tl.int64) * S
@@ -203,11 +220,12 @@ def _fwd_kernel(
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_ok = offs_m < S
-    offs_k = tl.arange(0, DHP)
-    k_ok = offs_k < DH
     offs_v = pid_v * BV + tl.arange(0, BV)
     v_ok = offs_v < DH
-    q = _tile(q_ptr + i_b * stride_qb + i_h * stride_qh, offs_m, offs_k, stride_qs, stride_qd, m_ok, k_ok)
+    offs_k = tl.arange(0, DHP)
+    k_ok = offs_k < DH
+    if KC == 0:  # narrow heads: q is loaded once, the head dim padded to DHP
+        q = _tile(q_base, offs_m, offs_k, stride_qs, stride_qd, m_ok, k_ok)
     m_hi, m_lo = _query_terms(gate_ptr, row, BHS, offs_m, m_ok)
 
     num = tl.zeros([BM, BV], dtype=tl.float32)
@@ -215,8 +233,13 @@ def _fwd_kernel(
     for n0 in range(0, tl.minimum(pid_m * BM + BM, S), BN):  # causal: key tiles up to the query tile
         offs_n = n0 + tl.arange(0, BN)
         n_ok = offs_n < S
-        k_t = _tile_t(k_base, offs_n, offs_k, stride_ks, stride_kd, n_ok, k_ok)
-        s = _dot(q, k_t, tl.zeros([BM, BN], dtype=tl.float32), OP_DTYPE, DOT_DTYPE, PRECISION)
+        zeros = tl.zeros([BM, BN], dtype=tl.float32)
+        if KC == 0:
+            s = _dot(q, _tile_t(k_base, offs_n, offs_k, stride_ks, stride_kd, n_ok, k_ok), zeros,
+                     OP_DTYPE, DOT_DTYPE, PRECISION)
+        else:
+            s = _gram(q_base, k_base, offs_m, offs_n, m_ok, n_ok, stride_qs, stride_qd, stride_ks, stride_kd,
+                      zeros, DH, KC, OP_DTYPE, DOT_DTYPE, PRECISION)
         b_hi, b_lo = _key_terms(gate_ptr, row, BHS, offs_n, n_ok)
         c = s * scale * _decay(m_hi, m_lo, b_hi, b_lo, offs_m[:, None] >= offs_n[None, :])
         den += tl.sum(c, 1)
@@ -251,7 +274,8 @@ def _bwd_kernel(
     stride_gkb, stride_gkh, stride_gks, stride_gkd,
     stride_gvb, stride_gvh, stride_gvs, stride_gvd,
     NH, S, scale: tl.constexpr,
-    DH: tl.constexpr, DHP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, BD: tl.constexpr,
+    DH: tl.constexpr, DHP: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+    BD: tl.constexpr,
     SPLIT: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program t: dk, dv of key tile t over the query sub-tiles from t on, then dq of query tile t
@@ -275,9 +299,12 @@ def _bwd_kernel(
     offs_t = t0 + tl.arange(0, BLOCK)
     t_ok = offs_t < S
 
-    # dk, dv of key tile t, as transposed score tiles (keys x queries).
-    k = _tile(k_base, offs_t, offs_k, stride_ks, stride_kd, t_ok, k_ok)
-    v = _tile(v_base, offs_t, offs_k, stride_vs, stride_vd, t_ok, k_ok)
+    # dk, dv of key tile t, as transposed score tiles (keys x queries). Narrow heads (KC == 0) hold
+    # the tile's k and v and reuse the loaded query-side tiles as the outputs' operands; wide heads
+    # load everything per step, in head-dim chunks (see _gram).
+    if KC == 0:
+        k = _tile(k_base, offs_t, offs_k, stride_ks, stride_kd, t_ok, k_ok)
+        v = _tile(v_base, offs_t, offs_k, stride_vs, stride_vd, t_ok, k_ok)
     b_hi, b_lo = _key_terms(gate_ptr, row, BHS, offs_t, t_ok)
     dk = tl.zeros([BLOCK, BD], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BD], dtype=tl.float32)
@@ -285,11 +312,17 @@ def _bwd_kernel(
     for m0 in range(t0, S, SUB):
         offs_m = m0 + tl.arange(0, SUB)
         m_ok = offs_m < S
-        q_t = _tile_t(q_base, offs_m, offs_k, stride_qs, stride_qd, m_ok, k_ok)
-        dh_t = _tile_t(dh_base, offs_m, offs_k, stride_ds, stride_dd, m_ok, k_ok)
         zeros = tl.zeros([BLOCK, SUB], dtype=tl.float32)
-        s_t = _dot(k, q_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
-        dp_t = _dot(v, dh_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+        if KC == 0:
+            q_t = _tile_t(q_base, offs_m, offs_k, stride_qs, stride_qd, m_ok, k_ok)
+            dh_t = _tile_t(dh_base, offs_m, offs_k, stride_ds, stride_dd, m_ok, k_ok)
+            s_t = _dot(k, q_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+            dp_t = _dot(v, dh_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+        else:
+            s_t = _gram(k_base, q_base, offs_t, offs_m, t_ok, m_ok, stride_ks, stride_kd, stride_qs, stride_qd,
+                        zeros, DH, KC, OP_DTYPE, DOT_DTYPE, PRECISION)
+            dp_t = _gram(v_base, dh_base, offs_t, offs_m, t_ok, m_ok, stride_vs, stride_vd, stride_ds,
+                         stride_dd, zeros, DH, KC, OP_DTYPE, DOT_DTYPE, PRECISION)
         m_hi, m_lo = _query_terms(gate_ptr, row, BHS, offs_m, m_ok)
         e_t = _decay_t(m_hi, m_lo, b_hi, b_lo, offs_t[:, None] <= offs_m[None, :])
         inv_n_m = tl.load(inv_norm_ptr + row + offs_m, mask=m_ok, other=0.0)
@@ -297,7 +330,7 @@ def _bwd_kernel(
         c_t = s_t * scale * e_t
         dc_t = dp_t * inv_n_m[None, :] + dden_m[None, :]
         colg += tl.sum(dc_t * c_t, 1)
-        if BD == DHP:
+        if KC == 0 and BD == DHP:
             q_d = tl.trans(q_t)
             dh_d = tl.trans(dh_t)
         else:
@@ -313,8 +346,9 @@ def _bwd_kernel(
              mask=t_ok[:, None] & d_ok[None, :])
 
     # dq of query tile t.
-    q = _tile(q_base, offs_t, offs_k, stride_qs, stride_qd, t_ok, k_ok)
-    dh = _tile(dh_base, offs_t, offs_k, stride_ds, stride_dd, t_ok, k_ok)
+    if KC == 0:
+        q = _tile(q_base, offs_t, offs_k, stride_qs, stride_qd, t_ok, k_ok)
+        dh = _tile(dh_base, offs_t, offs_k, stride_ds, stride_dd, t_ok, k_ok)
     mt_hi, mt_lo = _query_terms(gate_ptr, row, BHS, offs_t, t_ok)
     inv_n = tl.load(inv_norm_ptr + row + offs_t, mask=t_ok, other=0.0)
     dden = tl.load(dden_ptr + row + offs_t, mask=t_ok, other=0.0)
@@ -323,16 +357,22 @@ def _bwd_kernel(
     for n0 in range(0, tl.minimum(t0 + BLOCK, S), SUB):
         offs_n = n0 + tl.arange(0, SUB)
         n_ok = offs_n < S
-        k_t = _tile_t(k_base, offs_n, offs_k, stride_ks, stride_kd, n_ok, k_ok)
-        v_t = _tile_t(v_base, offs_n, offs_k, stride_vs, stride_vd, n_ok, k_ok)
         zeros = tl.zeros([BLOCK, SUB], dtype=tl.float32)
-        s = _dot(q, k_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
-        dp = _dot(dh, v_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+        if KC == 0:
+            k_t = _tile_t(k_base, offs_n, offs_k, stride_ks, stride_kd, n_ok, k_ok)
+            v_t = _tile_t(v_base, offs_n, offs_k, stride_vs, stride_vd, n_ok, k_ok)
+            s = _dot(q, k_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+            dp = _dot(dh, v_t, zeros, OP_DTYPE, DOT_DTYPE, PRECISION)
+        else:
+            s = _gram(q_base, k_base, offs_t, offs_n, t_ok, n_ok, stride_qs, stride_qd, stride_ks, stride_kd,
+                      zeros, DH, KC, OP_DTYPE, DOT_DTYPE, PRECISION)
+            dp = _gram(dh_base, v_base, offs_t, offs_n, t_ok, n_ok, stride_ds, stride_dd, stride_vs, stride_vd,
+                       zeros, DH, KC, OP_DTYPE, DOT_DTYPE, PRECISION)
         bn_hi, bn_lo = _key_terms(gate_ptr, row, BHS, offs_n, n_ok)
         e = _decay(mt_hi, mt_lo, bn_hi, bn_lo, offs_t[:, None] >= offs_n[None, :])
         dc = dp * inv_n[:, None] + dden[:, None]
         rowg += tl.sum(dc * (s * scale * e), 1)
-        if BD == DHP:
+        if KC == 0 and BD == DHP:
             k_d = tl.trans(k_t)
         else:
             k_d = _tile(k_base, offs_n, offs_d, stride_ks, stride_kd, n_ok, d_ok)
@@ -350,23 +390,33 @@ def _bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
+# Heads wider than this are contracted in chunks (KC > 0); narrower ones in one tl.dot over the head dim
+# padded to a power of two (DHP), their tiles held in registers. H100, bf16, forward + backward kernels
+# per call: chunks cut ViL-S heads (192) at 196 tokens from 2.16 to 1.88 ms and ViL-B heads (384)
+# from 3.90 to 2.18 ms, but made ViL-T heads (96) slower (0.61 -> 0.63 ms; 1.24 -> 1.34 ms at 1024
+# tokens), as every step then reloads the tiles that the unchunked kernels hold.
+CHUNKED_MIN_HEAD_DIM = 129
+
+
 def _block_sizes(S: int, DH: int, itemsize: int) -> dict:
-    """Tile sizes. The contraction over the head dim is one tl.dot over DH padded to a power of two
-    (DHP); outputs are tiled in the head dim by BV/BD <= 128 (each tile recomputing the scores).
+    """Tile sizes. Outputs are tiled in the head dim by BV/BD <= 128 (each tile recomputing the scores).
     Token tiles by the bytes of a padded row: the fastest measured (H100, bf16: ViL-T heads at 196
-    and 1024 tokens, ViL-S heads at 196), and for wider rows small enough for shared memory."""
+    and 1024 tokens, ViL-S and ViL-B heads at 196), and for wider rows small enough for shared memory."""
     dhp = max(16, triton.next_power_of_2(DH))
     row_bytes = dhp * itemsize
     if row_bytes < 512:
         bm, bn, block, sub = 64, 64, 64, 32
     elif row_bytes == 512:
         bm, bn, block, sub = 32, 64, 32, 32
+    elif itemsize == 2:  # half-precision rows of 1 KiB and more: ViL-B heads, contracted in chunks
+        bm, bn, block, sub = 64, 32, 64, 16
     else:
         bm, bn, block, sub = 32, 32, 32, 16
     cap = max(16, triton.next_power_of_2(S))
     out = min(dhp, 128)
-    fwd = dict(DHP=dhp, BM=min(bm, cap), BN=min(bn, cap), BV=out)
-    bwd = dict(DHP=dhp, BLOCK=min(block, cap), SUB=min(sub, cap), BD=out)
+    kc = min(DH & -DH, 128) if DH >= CHUNKED_MIN_HEAD_DIM else 0  # the largest power of two dividing DH
+    fwd = dict(DHP=dhp, KC=kc, BM=min(bm, cap), BN=min(bn, cap), BV=out)
+    bwd = dict(DHP=dhp, KC=kc, BLOCK=min(block, cap), SUB=min(sub, cap), BD=out)
     return fwd, bwd
 
 
