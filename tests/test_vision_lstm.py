@@ -3,7 +3,9 @@ import torch
 
 import vil
 from vil.checkpoint import CheckpointError
-from vil.vision_lstm import TRAVERSALS, BlockDiagonalLinear, MLSTMLayer, from_traversal, to_traversal, traversal_order
+from vil.vision_lstm import (
+    TRAVERSALS, BlockDiagonalLinear, MLSTMLayer, PatchEmbed, from_traversal, to_traversal, traversal_order,
+)
 
 SMALL = dict(dim=32, depth=2, patch_size=4, img_size=16, num_classes=5)
 
@@ -291,6 +293,15 @@ def test_gpu_model_matches_cpu_model(monkeypatch):
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-5)
     for g_gpu, g_cpu in zip(grads_gpu, grads_cpu):
         assert ((g_gpu.cpu() - g_cpu).norm() / g_cpu.norm().clamp_min(1e-12)).item() < 1e-4
+
+
+def test_patch_embed_is_the_strided_convolution():
+    # The embedding applies its Conv2d weight as a matmul on patches: the same map, on a non-square grid.
+    embed = PatchEmbed(patch_size=4, in_chans=3, dim=8).double()
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    out = embed(x)
+    assert out.shape == (2, 2, 3, 8)
+    torch.testing.assert_close(out, embed.proj(x).permute(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("norm_bias", [True, False])

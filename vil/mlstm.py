@@ -148,10 +148,10 @@ def mlstm_chunkwise(q, k, v, igate, fgate, chunk_size: int = 64, eps: float = 1e
 TILED_MAX_TOKENS = 1024
 # Heads wider than this, at up to COMPILED_PARALLEL_MAX_TOKENS tokens and under torch.compile, use the
 # PyTorch parallel form, which the compiler fuses into faster kernels there; the tiled kernel tiles such
-# heads and recomputes the scores per tile. H100, bf16, GPU time of a training step at 224: ViL-B 153 ms
-# (parallel) vs 189 ms (kernels); ViL-S 146 vs 139 ms, but with the kernels' larger launch overhead
-# 1,724 vs 1,361 img/s unless CUDA graphs hide it.
-COMPILED_PARALLEL_MIN_HEAD_DIM = 128
+# heads' outputs and recomputes the scores per tile. H100, bf16, GPU time of a training step at 224
+# (torch.compile per block pair): ViL-B (heads of 384) 152 ms (parallel) vs 161 ms (kernels);
+# ViL-S (192) 150 vs 128 ms, 1,659 vs 1,915 img/s, peak memory 31.8 vs 21.5 GiB.
+COMPILED_PARALLEL_MIN_HEAD_DIM = 192
 COMPILED_PARALLEL_MAX_TOKENS = 256
 
 
