@@ -25,6 +25,10 @@ Kernels (BH = batch * heads, T = token tiles of BLOCK, NV / ND = feature tiles):
                               tile t (over key tiles <= t), so every program does the same number of
                               tile pairs. Also the gate-gradient row and column sums.
 
+Narrow heads (DH <= 128) contract the head dim in one tl.dot, padded to a power of two (96 -> 128), and
+hold the tiles they reuse in registers. Wider heads would spill them: they contract the head dim in
+chunks of a power of two that divides it (192 = 3 x 64, 384 = 3 x 128), loading the chunks at each step.
+
 Two small kernels do the gate pre- and post-processing (cumulative sums and maxima over S, per head).
 The stabilizer is held constant in the backward pass: it cancels from h except through eps.
 
