@@ -302,6 +302,7 @@ def test_patch_embed_is_the_strided_convolution():
     out = embed(x)
     assert out.shape == (2, 2, 3, 8)
     torch.testing.assert_close(out, embed.proj(x).permute(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(embed(x.contiguous(memory_format=torch.channels_last)), out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("norm_bias", [True, False])
