@@ -70,7 +70,7 @@ def measure(model, batch: int, res: int, train: bool, device, steps: int, warmup
     is set aside while they are recorded, in the warm-up."""
     x = torch.randn(batch, 3, res, res, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None) if train else None
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():

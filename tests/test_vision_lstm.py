@@ -254,23 +254,26 @@ def test_block_diagonal_dense_weight_equals_the_block_product():
 
 
 @pytest.mark.parametrize("proj_bias", [True, False])
-def test_dense_projections_with_folded_gates_equal_the_blockwise_path(proj_bias):
-    # The GPU path computes q, k, v and the gates in two dense matmuls, the gate weights folded into the
-    # projections; the CPU path uses block products and a gate matmul on concatenated q, k, v.
+def test_dense_projections_with_folded_weights_equal_the_blockwise_path(proj_bias):
+    # The GPU path computes z, q, k, v and the gates in two dense matmuls, v's and the gates' weights
+    # folded into others; the CPU path uses the up-projection, block products and a gate matmul on
+    # concatenated q, k, v.
     layer = MLSTMLayer(8, num_heads=2, proj_bias=proj_bias).double()
     for p in layer.parameters():
         torch.nn.init.normal_(p)
-    x_conv, x_mlstm = (torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    x_conv = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    x_mlstm, z = layer.proj_up(x).chunk(2, dim=-1)
     q, k, v = layer.q_proj(x_conv), layer.k_proj(x_conv), layer.v_proj(x_mlstm)
     qkv = torch.cat([q, k, v], dim=-1)
-    expected = (q, k, v, layer.mlstm_cell.igate(qkv), layer.mlstm_cell.fgate(qkv))
-    got = layer._projections_dense(x_conv, x_mlstm)
+    expected = (z, q, k, v, layer.mlstm_cell.igate(qkv), layer.mlstm_cell.fgate(qkv))
+    got = layer._projections_dense(x, x_conv)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     weights = list(layer.parameters())
     loss_got, loss_expected = (sum(t.square().sum() for t in ts) for ts in (got, expected))
-    grads_got = torch.autograd.grad(loss_got, [x_conv, x_mlstm, *weights], allow_unused=True)
-    grads_expected = torch.autograd.grad(loss_expected, [x_conv, x_mlstm, *weights], allow_unused=True)
+    grads_got = torch.autograd.grad(loss_got, [x, x_conv, *weights], allow_unused=True)
+    grads_expected = torch.autograd.grad(loss_expected, [x, x_conv, *weights], allow_unused=True)
     for a, b in zip(grads_got, grads_expected):
         assert (a is None) == (b is None)
         if a is not None:

@@ -221,13 +221,16 @@ class MLSTMLayer(nn.Module):
         out = x * center + self.conv.bias
         return out.index_copy(1, patch_index, y)
 
-    def _projections_dense(self, x_conv, x_mlstm):
-        """q, k, v and the gate pre-activations in two dense matmuls (the GPU path).
+    def _projections_dense(self, x, x_conv):
+        """z, q, k, v and the gate pre-activations in two dense matmuls (the GPU path), from the layer's
+        input x and the convolved x_conv.
 
-        Dense block-diagonal weights (see BlockDiagonalLinear.dense_weight). The gates are linear in
-        q, k and v, hence in x_conv and x_mlstm: their weights are folded into the projections, which
-        spares the concatenation of q, k, v and a matmul of its own. The gate rows are zero-padded to
-        16 so that the outputs' rows stay 16-aligned, which the fast matmul kernels need.
+        Dense block-diagonal weights (see BlockDiagonalLinear.dense_weight). Two folds spare matmuls:
+        v and its share of the gates are linear in x_mlstm, itself linear in x, so they come from x with
+        the composed weights, beside z (a matmul over the model width instead of the twice wider inner
+        width); and the gates, linear in q, k and v, come out of the projections instead of a matmul of
+        their own over the concatenated q, k, v. The gate rows are zero-padded to 16 so that the outputs'
+        rows stay 16-aligned, which the fast matmul kernels need.
         """
         inner, nh = self.inner, self.num_heads
         pad = -(2 * nh) % 16
@@ -235,30 +238,34 @@ class MLSTMLayer(nn.Module):
         gate_w = F.pad(torch.cat([self.mlstm_cell.igate.weight, self.mlstm_cell.fgate.weight]), (0, 0, 0, pad))
         gate_b = F.pad(torch.cat([self.mlstm_cell.igate.bias, self.mlstm_cell.fgate.bias]), (0, pad))
         gq, gk, gv = gate_w.split(inner, dim=1)  # (2 NH + pad, inner) each
+        w_mlstm, w_z = self.proj_up.weight.chunk(2)
+        w_v = torch.cat([wv, gv @ wv])  # v and its gate share, from x_mlstm
         w_conv = torch.cat([wq, wk, gq @ wq + gk @ wk])
-        w_mlstm = torch.cat([wv, gv @ wv])
+        w_x = torch.cat([w_z, w_v @ w_mlstm])
         if self.q_proj.bias is None:
-            b_conv, b_mlstm = F.pad(gate_b, (2 * inner, 0)), None
+            b_conv, b_x = F.pad(gate_b, (2 * inner, 0)), None
         else:
             bq, bk, bv = self.q_proj.bias, self.k_proj.bias, self.v_proj.bias
+            b_mlstm, b_z = self.proj_up.bias.chunk(2)
             b_conv = torch.cat([bq, bk, gq @ bq + gk @ bk + gate_b])
-            b_mlstm = torch.cat([bv, gv @ bv])
+            b_x = torch.cat([b_z, w_v @ b_mlstm + torch.cat([bv, gv @ bv])])
         q, k, gates_conv = F.linear(x_conv, w_conv, b_conv).split([inner, inner, 2 * nh + pad], dim=-1)
-        v, gates_mlstm = F.linear(x_mlstm, w_mlstm, b_mlstm).split([inner, 2 * nh + pad], dim=-1)
-        igate, fgate = (gates_conv + gates_mlstm)[..., : 2 * nh].split(nh, dim=-1)
-        return q, k, v, igate, fgate
+        z, v, gates_x = F.linear(x, w_x, b_x).split([inner, inner, 2 * nh + pad], dim=-1)
+        igate, fgate = (gates_conv + gates_x)[..., : 2 * nh].split(nh, dim=-1)
+        return z, q, k, v, igate, fgate
 
     def forward(self, x, grid: tuple[int, int], patch_index: torch.Tensor | None = None):
         B, N, _ = x.shape
-        # Two matmuls rather than one and a split: each output is dense, which the convolution needs
-        # (it copies a strided input to a dense layout, forward and backward).
+        # x_mlstm from a matmul of its own: the convolution needs a dense input (it copies a strided one to
+        # a dense layout, forward and backward).
         w_mlstm, w_z = self.proj_up.weight.chunk(2)
         b_mlstm, b_z = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
-        x_mlstm, z = F.linear(x, w_mlstm, b_mlstm), F.linear(x, w_z, b_z)
+        x_mlstm = F.linear(x, w_mlstm, b_mlstm)
         x_conv = F.silu(self._conv(x_mlstm, grid, patch_index))
         if x_conv.is_cuda:
-            q, k, v, igate, fgate = self._projections_dense(x_conv, x_mlstm)
+            z, q, k, v, igate, fgate = self._projections_dense(x, x_conv)
         else:
+            z = F.linear(x, w_z, b_z)
             q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
             igate, fgate = _fused_linear(torch.cat([q, k, v], dim=-1), self.mlstm_cell.igate, self.mlstm_cell.fgate)
         igate, fgate = igate.transpose(1, 2), fgate.transpose(1, 2)  # (B, NH, N)
