@@ -208,14 +208,34 @@ def test_gate_kernels_carry_across_blocks():
     torch.testing.assert_close(floor, torch.exp(-(log_f_cum + running_max)).float().reshape(B * NH, S))
 
     rowg, colg = torch.randn(2, B * NH, S, generator=gen)
-    digate, dfgate = _tiled_module._gate_grads(rowg, colg, igate, fgate)
+    # Into a packed layout (B, S, columns): both gates and a copy, 3 padding columns zeroed, 2 untouched.
+    g, g_copy = (torch.full((B, S, 2 * NH + 5), float("nan")) for _ in range(2))
+    dig = g[..., :NH].transpose(1, 2)
+    dest = _tiled_module.GradDest(g, None, None, None, None, g, 0, NH, dig.stride(), g_copy=g_copy, g_pad=3)
+    _tiled_module._gate_grads(rowg, colg, fgate, dest)
+    digate, dfgate = dig, g[..., NH : 2 * NH].transpose(1, 2)
     suffix = (rowg.double() - colg.double()).flip(-1).cumsum(-1).flip(-1).view(B, NH, S)
     torch.testing.assert_close(dfgate, (suffix * torch.sigmoid(-fgate.double())).float(), rtol=1e-5, atol=1e-5)
-    assert torch.equal(digate, colg.view(B, NH, S)) and digate.stride() == igate.stride()
+    assert torch.equal(digate, colg.view(B, NH, S))
+    assert torch.equal(g_copy[..., : 2 * NH + 3], g[..., : 2 * NH + 3])
+    assert not g[..., 2 * NH : 2 * NH + 3].any()
+    assert g[..., 2 * NH + 3 :].isnan().all() and g_copy[..., 2 * NH + 3 :].isnan().all()
 
 
-def gated_reference(q, k, v, igate, fgate, x, z, norm_weight, norm_bias, skip, norm_eps=1e-5):
+def unpack_gated(qk_gates, zv_gates, NH):
+    """q, k, v (B, NH, S, DH), z (B, S, C) and the gates (B, NH, S) of the packed layout, independently of
+    the kernels' own unpacking: C = NH * DH features each, then 2 NH gate columns and padding to 16."""
+    B, S, width = qk_gates.shape
+    C = (width - 16 * math.ceil(2 * NH / 16)) // 2
+    heads = lambda t: t.reshape(B, S, NH, C // NH).permute(0, 2, 1, 3)  # noqa: E731
+    gates = (qk_gates[..., 2 * C : 2 * C + 2 * NH] + zv_gates[..., 2 * C : 2 * C + 2 * NH]).permute(0, 2, 1)
+    q, k, z, v = qk_gates[..., :C], qk_gates[..., C : 2 * C], zv_gates[..., :C], zv_gates[..., C : 2 * C]
+    return heads(q), heads(k), heads(v), z, gates[:, :NH], gates[:, NH:]
+
+
+def gated_reference(qk_gates, zv_gates, x, norm_weight, norm_bias, skip, NH, norm_eps=1e-5):
     """The mLSTM layer's output stage around the cell, in float64."""
+    q, k, v, z, igate, fgate = unpack_gated(qk_gates.double(), zv_gates.double(), NH)
     h = mlstm_reference(q, k, v, igate, fgate)
     B, NH, S, DH = h.shape
     hn = F.layer_norm(h, (DH,), eps=norm_eps).transpose(1, 2).reshape(B, S, NH * DH)
@@ -226,16 +246,24 @@ def gated_reference(q, k, v, igate, fgate, x, z, norm_weight, norm_bias, skip, n
 
 
 def make_gated_inputs(B, NH, S, DH, dtype, gates, bias=True, device=DEVICE, seed=0):
-    (q, k, v, igate, fgate), _ = make_inputs(B, NH, S, DH, gates, dtype=dtype, seed=seed, device=device)
+    """Inputs in the packed layout of ``mlstm_gated_triton``: q | k | gate shares | padding and
+    z | v | gate shares | padding, the gates split into two random shares, junk in the padding."""
+    (q, k, v, igate, fgate), _ = make_inputs(B, NH, S, DH, gates, seed=seed, device="cpu")
     g = torch.Generator().manual_seed(seed + 1)
     C = NH * DH
-    # x and z as strided views of one tensor, as the model's projections give them.
-    xz = torch.randn(B, S, 2 * C, generator=g).to(device, dtype)
-    x, z = xz[..., :C], xz[..., C:]
+    tokens = lambda t: t.detach().transpose(1, 2).reshape(B, S, -1)  # noqa: E731
+    gate_cols = torch.cat([tokens(igate.unsqueeze(-1)), tokens(fgate.unsqueeze(-1))], -1)  # (B, S, 2 NH)
+    share = torch.randn(B, S, 2 * NH, generator=g)
+    pad = 16 * math.ceil(2 * NH / 16) - 2 * NH
+    qk_gates = torch.cat([tokens(q), tokens(k), gate_cols - share, torch.randn(B, S, pad, generator=g)], -1)
+    zv_gates = torch.cat([torch.randn(B, S, C, generator=g), tokens(v), share, torch.randn(B, S, pad, generator=g)], -1)
+    # x as a strided view, as the layer's convolution output can be.
+    x = torch.randn(B, S, 2 * C, generator=g)[..., :C]
     params = [torch.randn(C, generator=g).to(device) * 0.5 for _ in range(3)]
     norm_weight, norm_bias, skip = params[0], params[1] if bias else None, params[2] + 1.0
-    inputs = [q, k, v, igate, fgate, x, z, norm_weight, norm_bias, skip]
-    grad_inputs = [t.requires_grad_() for t in inputs if t is not None]
+    qk_gates, zv_gates, x = (t.to(device, dtype) for t in (qk_gates, zv_gates, x))
+    inputs = [qk_gates, zv_gates, x, norm_weight, norm_bias, skip, NH]
+    grad_inputs = [t.requires_grad_() for t in inputs[:6] if t is not None]
     dout = torch.randn(B, S, C, generator=g).to(device, dtype)
     return inputs, grad_inputs, dout
 
@@ -249,9 +277,17 @@ def check_gated(B, NH, S, DH, dtype, gates, tol, bias=True, device=DEVICE):
     grads = torch.autograd.grad(out, grad_inputs, dout)
     ref = gated_reference(*inputs)
     grads_ref = torch.autograd.grad(ref, grad_inputs, dout.double())
-    names = ["out", "dq", "dk", "dv", "digate", "dfgate", "dx", "dz", "dnorm_weight"] + (["dnorm_bias"] if bias else [])
-    errs = {n: rel_err(a, b) for n, a, b in zip(names + ["dskip"], (out, *grads), (ref, *grads_ref))}
+    # The packed gradients part by part: q, k, both gate shares (equal), padding (zero); z, v.
+    C = NH * DH
+    parts = lambda t: {"q": t[0][..., :C], "k": t[0][..., C : 2 * C], "igate": t[0][..., 2 * C : 2 * C + NH],  # noqa: E731
+                       "fgate": t[0][..., 2 * C + NH : 2 * C + 2 * NH], "z": t[1][..., :C], "v": t[1][..., C : 2 * C]}
+    got, want = parts(grads), parts(grads_ref)
+    errs = {"out": rel_err(out, ref)} | {f"d{n}": rel_err(got[n], want[n]) for n in got}
+    names = ["dx", "dnorm_weight"] + (["dnorm_bias"] if bias else []) + ["dskip"]
+    errs |= {n: rel_err(a, b) for n, a, b in zip(names, grads[2:], grads_ref[2:])}
     assert all(e < tol for e in errs.values()), {n: f"{e:.2e}" for n, e in errs.items()}
+    assert torch.equal(grads[0][..., 2 * C :], grads[1][..., 2 * C :])
+    assert not grads[0][..., 2 * C + 2 * NH :].any()
     assert all(g.dtype == t.dtype and g.shape == t.shape for g, t in zip(grads, grad_inputs))
 
 
@@ -320,9 +356,11 @@ _TRACE_SCRIPT = textwrap.dedent(
     def block(x, gates):
         q, k, v = (t.transpose(1, 2) for t in x.view(B, S, 3, NH, DH).unbind(2))
         igate, fgate = (t.transpose(1, 2) for t in gates.view(B, S, 2, NH).unbind(2))
-        if sys.argv[1] == "gated":  # x and z: the q and k features, reused (traced only)
+        if sys.argv[1] == "gated":  # packed q | k | gates and z | v | gates; x: the q features (traced only)
             C = NH * DH
-            return mlstm_gated_triton(q, k, v, igate, fgate, x[..., :C], x[..., C : 2 * C], *params)
+            qk_gates = torch.cat([x[..., : 2 * C], gates, x[..., :12]], -1)
+            zv_gates = torch.cat([x[..., C:], gates, x[..., :12]], -1)
+            return mlstm_gated_triton(qk_gates, zv_gates, x[..., :C], *params, NH)
         if sys.argv[1] == "tiled":
             h = mlstm_parallel_triton(q, k, v, igate, fgate)
         else:

@@ -155,19 +155,19 @@ COMPILED_PARALLEL_MIN_HEAD_DIM = 192
 COMPILED_PARALLEL_MAX_TOKENS = 256
 
 
-def resolve_form(form: str, q: torch.Tensor) -> str:
-    """The form ``mlstm`` runs for queries like q: ``auto`` resolved, and ``triton`` as ``tiled`` (the
-    parallel-form kernels) or ``chunkwise_triton``."""
+def resolve_form(form: str, device: torch.device, seq_len: int, head_dim: int) -> str:
+    """The form ``mlstm`` runs for queries on ``device`` of shape (B, NH, seq_len, head_dim): ``auto``
+    resolved, and ``triton`` as ``tiled`` (the parallel-form kernels) or ``chunkwise_triton``."""
     if form == "auto":
-        if not (q.is_cuda and _triton_available()):
+        if not (device.type == "cuda" and _triton_available()):
             form = "chunkwise"
-        elif (torch.compiler.is_compiling() and q.shape[3] > COMPILED_PARALLEL_MIN_HEAD_DIM
-              and q.shape[2] <= COMPILED_PARALLEL_MAX_TOKENS):
+        elif (torch.compiler.is_compiling() and head_dim > COMPILED_PARALLEL_MIN_HEAD_DIM
+              and seq_len <= COMPILED_PARALLEL_MAX_TOKENS):
             form = "parallel"
         else:
             form = "triton"
     if form == "triton":
-        return "tiled" if q.shape[2] <= TILED_MAX_TOKENS else "chunkwise_triton"
+        return "tiled" if seq_len <= TILED_MAX_TOKENS else "chunkwise_triton"
     if form not in MLSTM_FORMS:
         raise ValueError(f"unknown mlstm form {form!r}; choose one of {MLSTM_FORMS}")
     return form
@@ -187,7 +187,7 @@ def mlstm(q, k, v, igate, fgate, form: str = "parallel", chunk_size: int = 64, e
     elsewhere. ``triton`` picks the tiled parallel-form kernel up to
     ``TILED_MAX_TOKENS`` tokens (it returns h in float32, as it keeps it for its backward pass) and the
     chunkwise kernel beyond."""
-    form = resolve_form(form, q)
+    form = resolve_form(form, q.device, q.shape[2], q.shape[3])
     if form == "parallel":
         return mlstm_parallel(q, k, v, igate, fgate, eps=eps)
     if form == "chunkwise":

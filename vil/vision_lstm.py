@@ -221,16 +221,18 @@ class MLSTMLayer(nn.Module):
         out = x * center + self.conv.bias
         return out.index_copy(1, patch_index, y)
 
-    def _projections_dense(self, x, x_conv):
+    def _packed_projections(self, x, x_conv):
         """z, q, k, v and the gate pre-activations in two dense matmuls (the GPU path), from the layer's
-        input x and the convolved x_conv.
+        input x and the convolved x_conv: (B, N, 2 inner + G) each, ``q | k | gate shares | padding``
+        from x_conv and ``z | v | gate shares | padding`` from x, the gates being the sums of their two
+        shares (the layout ``mlstm_gated_triton`` takes).
 
         Dense block-diagonal weights (see BlockDiagonalLinear.dense_weight). Two folds spare matmuls:
         v and its share of the gates are linear in x_mlstm, itself linear in x, so they come from x with
         the composed weights, beside z (a matmul over the model width instead of the twice wider inner
         width); and the gates, linear in q, k and v, come out of the projections instead of a matmul of
-        their own over the concatenated q, k, v. The gate rows are zero-padded to 16 so that the outputs'
-        rows stay 16-aligned, which the fast matmul kernels need.
+        their own over the concatenated q, k, v. The gate columns are zero-padded to 16 so that the
+        outputs' rows stay 16-aligned, which the fast matmul kernels need.
         """
         inner, nh = self.inner, self.num_heads
         pad = -(2 * nh) % 16
@@ -249,8 +251,14 @@ class MLSTMLayer(nn.Module):
             b_mlstm, b_z = self.proj_up.bias.chunk(2)
             b_conv = torch.cat([bq, bk, gq @ bq + gk @ bk + gate_b])
             b_x = torch.cat([b_z, w_v @ b_mlstm + torch.cat([bv, gv @ bv])])
-        q, k, gates_conv = F.linear(x_conv, w_conv, b_conv).split([inner, inner, 2 * nh + pad], dim=-1)
-        z, v, gates_x = F.linear(x, w_x, b_x).split([inner, inner, 2 * nh + pad], dim=-1)
+        return F.linear(x_conv, w_conv, b_conv), F.linear(x, w_x, b_x)
+
+    def _projections_dense(self, x, x_conv):
+        """z, q, k, v, igate, fgate (B, N, NH) of the packed projections."""
+        inner, nh = self.inner, self.num_heads
+        qk_gates, zv_gates = self._packed_projections(x, x_conv)
+        q, k, gates_conv = qk_gates.split([inner, inner, qk_gates.shape[-1] - 2 * inner], dim=-1)
+        z, v, gates_x = zv_gates.split([inner, inner, zv_gates.shape[-1] - 2 * inner], dim=-1)
         igate, fgate = (gates_conv + gates_x)[..., : 2 * nh].split(nh, dim=-1)
         return z, q, k, v, igate, fgate
 
@@ -262,6 +270,17 @@ class MLSTMLayer(nn.Module):
         b_mlstm, b_z = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
         x_mlstm = F.linear(x, w_mlstm, b_mlstm)
         x_conv = F.silu(self._conv(x_mlstm, grid, patch_index))
+        outnorm = self.mlstm_cell.outnorm
+        if resolve_form(self.mlstm_form, x.device, N, self.inner // self.num_heads) == "tiled":
+            # The cell's kernels with the head norm, skip and output gate fused around them, on the packed
+            # projections (whose gradients they return packed too).
+            from vil.kernels.mlstm_gated_triton import mlstm_gated_triton
+
+            dtype = kernel_dtype(x_conv)
+            qk_gates, zv_gates = (t.to(dtype) for t in self._packed_projections(x, x_conv))
+            h = mlstm_gated_triton(qk_gates, zv_gates, x_conv.to(dtype), outnorm.weight, outnorm.bias,
+                                   self.learnable_skip, self.num_heads, norm_eps=outnorm.eps)
+            return self.proj_down(h)
         if x_conv.is_cuda:
             z, q, k, v, igate, fgate = self._projections_dense(x, x_conv)
         else:
@@ -270,16 +289,6 @@ class MLSTMLayer(nn.Module):
             igate, fgate = _fused_linear(torch.cat([q, k, v], dim=-1), self.mlstm_cell.igate, self.mlstm_cell.fgate)
         igate, fgate = igate.transpose(1, 2), fgate.transpose(1, 2)  # (B, NH, N)
         q, k, v = (t.view(B, N, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        outnorm = self.mlstm_cell.outnorm
-        if resolve_form(self.mlstm_form, q) == "tiled":
-            # The cell's kernels with the head norm, skip and output gate fused around them.
-            from vil.kernels.mlstm_gated_triton import mlstm_gated_triton
-
-            q, k, v, x_conv, z = (t.to(kernel_dtype(q)) for t in (q, k, v, x_conv, z))
-            h = mlstm_gated_triton(
-                q, k, v, igate, fgate, x_conv, z, outnorm.weight, outnorm.bias, self.learnable_skip, norm_eps=outnorm.eps
-            )
-            return self.proj_down(h)
         h = mlstm(q, k, v, igate, fgate, form=self.mlstm_form, chunk_size=self.chunk_size)
         h = outnorm(h) + self.learnable_skip * x_conv
         return self.proj_down(h * F.silu(z))

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from vil.kernels.mlstm_parallel_triton import _tile, cell_backward, cell_forward
+from vil.kernels.mlstm_parallel_triton import GradDest, _offset, _tile, cell_backward, cell_forward
 from vil.kernels.mlstm_triton import _cast, _check_inputs, _empty_heads_like, _strides3, _strides4
 
 __all__ = ["mlstm_gated_triton"]
@@ -172,14 +172,16 @@ def _norm_gate_forward(h, x, z, norm_weight, norm_bias, skip, norm_eps, out_dtyp
     return out
 
 
-def _norm_gate_backward(dout, h, x, z, norm_weight, norm_bias, skip, norm_eps, dh_like):
+def _norm_gate_backward(dout, h, x, z, norm_weight, norm_bias, skip, norm_eps, dh_like, dz):
+    # dz goes into the first C columns of the given tensor (the packed gradient, passed whole, see
+    # GradDest); the other gradients are returned.
     B, NH, S, DH = h.shape
     dhp, bt = _tile_rows(DH, _BWD["elements"])
     tiles = min(_BWD["tiles"], triton.cdiv(S, bt))
     programs = triton.cdiv(S, bt * tiles)
     dh = _empty_heads_like(dh_like)
     dh_dot_h = torch.empty(B * NH, S, device=h.device, dtype=torch.float32)
-    dx, dz = torch.empty_like(x), torch.empty_like(z)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     partials = torch.empty(3, B * programs, NH * DH, device=h.device, dtype=torch.float32)
     wrap_triton(_norm_gate_bwd_kernel)[(programs, NH, B)](
         dout, h, x, z, norm_weight, norm_weight if norm_bias is None else norm_bias, skip,
@@ -190,15 +192,40 @@ def _norm_gate_backward(dout, h, x, z, norm_weight, norm_bias, skip, norm_eps, d
         num_warps=_BWD["warps"],
     )
     dw, db, dskip = (p.sum(0) for p in partials)  # three tensors: a custom op's outputs may not alias
-    return dh, dh_dot_h, dx, dz, dw, db, dskip
+    return dh, dh_dot_h, dx, dw, db, dskip
+
+
+def _gate_columns(num_heads: int) -> int:
+    # Packed rows hold 2 C features, then the gate shares: 2 NH columns, padded to a multiple of 16.
+    return 2 * num_heads + (-2 * num_heads) % 16
+
+
+def _features(qk_gates: torch.Tensor, zv_gates: torch.Tensor, num_heads: int):
+    """Views of the packed projections' features: q, k, v (B, NH, S, DH) and z (B, S, C)."""
+    C = (qk_gates.shape[-1] - _gate_columns(num_heads)) // 2
+    heads = lambda t: t.unflatten(-1, (num_heads, C // num_heads)).transpose(1, 2)  # noqa: E731
+    return heads(qk_gates[..., :C]), heads(qk_gates[..., C : 2 * C]), heads(zv_gates[..., C : 2 * C]), zv_gates[..., :C]
+
+
+def _gate_shares(packed: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed tensor's gate columns as (B, NH, S) views: input gate, forget gate."""
+    C = (packed.shape[-1] - _gate_columns(num_heads)) // 2
+    gates = packed[..., 2 * C : 2 * C + 2 * num_heads].transpose(1, 2)
+    return gates[:, :num_heads], gates[:, num_heads:]
+
+
+def _unpack(qk_gates: torch.Tensor, zv_gates: torch.Tensor, num_heads: int):
+    """q, k, v, z and the gate pre-activations, the sums of their two shares (float32)."""
+    gates = [a.float() + b.float() for a, b in zip(_gate_shares(qk_gates, num_heads), _gate_shares(zv_gates, num_heads))]
+    return *_features(qk_gates, zv_gates, num_heads), *gates
 
 
 @triton_op("vil::mlstm_gated_fwd", mutates_args={})
 def _gated_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
-    x: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor],
-    skip: torch.Tensor, eps: float, norm_eps: float,
+    qk_gates: torch.Tensor, zv_gates: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor,
+    norm_bias: Optional[torch.Tensor], skip: torch.Tensor, num_heads: int, eps: float, norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, z, igate, fgate = _unpack(qk_gates, zv_gates, num_heads)
     h, norm, den, planes, floor = cell_forward(q, k, v, igate, fgate, eps)
     out = _norm_gate_forward(h, x, z, norm_weight, norm_bias, skip, norm_eps, q.dtype)
     return out, h, norm, den, planes, floor  # all but out kept for the backward pass
@@ -206,56 +233,78 @@ def _gated_fwd(
 
 @triton_op("vil::mlstm_gated_bwd", mutates_args={})
 def _gated_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
-    igate: torch.Tensor, fgate: torch.Tensor, norm: torch.Tensor, den: torch.Tensor, planes: torch.Tensor,
-    floor: torch.Tensor, x: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor,
-    norm_bias: Optional[torch.Tensor], skip: torch.Tensor, norm_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dh, dh_dot_h, dx, dz, dw, db, dskip = _norm_gate_backward(dout, h, x, z, norm_weight, norm_bias, skip, norm_eps, q)
-    dq, dk, dv, digate, dfgate = cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor)
-    return dq, dk, dv, digate, dfgate, dx, dz, dw, db, dskip
+    dout: torch.Tensor, qk_gates: torch.Tensor, zv_gates: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+    norm: torch.Tensor, den: torch.Tensor, planes: torch.Tensor, floor: torch.Tensor,
+    norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], skip: torch.Tensor, num_heads: int,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, z, igate, fgate = _unpack(qk_gates, zv_gates, num_heads)
+    # The gradients in the packed layouts, each part written in place by the kernels: no concatenation.
+    d_qk, d_zv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (qk_gates, zv_gates))
+    dq, dk, dv, _ = _features(d_qk, d_zv, num_heads)
+    dh, dh_dot_h, dx, dw, db, dskip = _norm_gate_backward(dout, h, x, z, norm_weight, norm_bias, skip, norm_eps, q, d_zv)
+    dig, _ = _gate_shares(d_qk, num_heads)
+    # Both shares of a gate get its gradient; the padding columns get zeros.
+    dest = GradDest(d_qk, dq, dk, d_zv, dv, d_qk, _offset(d_qk, dig), num_heads, dig.stride(),
+                    g_copy=d_zv, g_pad=_gate_columns(num_heads) - 2 * num_heads)
+    cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor, dest)
+    return d_qk, d_zv, dx, dw, db, dskip
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, igate, fgate, x, z, norm_weight, norm_bias, skip, eps, norm_eps = inputs
+    qk_gates, zv_gates, x, norm_weight, norm_bias, skip, num_heads, eps, norm_eps = inputs
     _, h, norm, den, planes, floor = output
-    ctx.norm_eps = norm_eps
+    ctx.num_heads, ctx.norm_eps = num_heads, norm_eps
     ctx.has_bias = norm_bias is not None
-    ctx.save_for_backward(q, k, v, h, igate, fgate, norm, den, planes, floor, x, z, norm_weight, norm_bias, skip)
+    ctx.save_for_backward(qk_gates, zv_gates, x, h, norm, den, planes, floor, norm_weight, norm_bias, skip)
 
 
 def _backward(ctx, dout, *_):
-    q, k, v, h, igate, fgate, norm, den, planes, floor, x, z, norm_weight, norm_bias, skip = ctx.saved_tensors
-    grads = _gated_bwd(dout, q, k, v, h, igate, fgate, norm, den, planes, floor, x, z, norm_weight,
-                       norm_bias, skip, ctx.norm_eps)
-    dq, dk, dv, digate, dfgate, dx, dz, dw, db, dskip = grads
-    return dq, dk, dv, digate, dfgate, dx, dz, dw, db if ctx.has_bias else None, dskip, None, None
+    qk_gates, zv_gates, x, h, norm, den, planes, floor, norm_weight, norm_bias, skip = ctx.saved_tensors
+    d_qk, d_zv, dx, dw, db, dskip = _gated_bwd(dout, qk_gates, zv_gates, x, h, norm, den, planes, floor,
+                                               norm_weight, norm_bias, skip, ctx.num_heads, ctx.norm_eps)
+    return d_qk, d_zv, dx, dw, db if ctx.has_bias else None, dskip, None, None, None
 
 
 _gated_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mlstm_gated_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
-    x: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
-    skip: torch.Tensor, eps: float = 1e-6, norm_eps: float = 1e-5,
+    qk_gates: torch.Tensor, zv_gates: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor | None, skip: torch.Tensor, num_heads: int, eps: float = 1e-6, norm_eps: float = 1e-5,
 ) -> torch.Tensor:
     """``(LayerNorm_DH(h) * (1 + norm_weight) + norm_bias + skip * x) * silu(z)`` for the mLSTM cell's
     h = mlstm(q, k, v, igate, fgate), in the cell's tiled kernels and one fused pass each way around
     them; differentiable w.r.t. all tensor inputs.
 
-    q, k, v, igate, fgate as for ``mlstm_parallel_triton``; x, z: (B, S, NH * DH), any strides;
-    norm_weight, norm_bias (or None), skip: (NH * DH,). Returns (B, S, NH * DH) in q's dtype.
+    The cell's inputs come packed as the layer's two projection matmuls give them (C = NH * DH features,
+    head-major; G = 2 NH gate columns padded to a multiple of 16):
+
+        qk_gates (B, S, 2 C + G): q | k | input-gate shares (NH) | forget-gate shares (NH) | padding
+        zv_gates (B, S, 2 C + G): z | v | input-gate shares (NH) | forget-gate shares (NH) | padding
+
+    Each gate pre-activation is the sum of its two shares. Their gradients come back in the same layouts
+    (both shares get the gate's gradient, the padding zero), so the matmuls' backward passes take them
+    without concatenating per-part gradients. x: (B, S, C), any strides; norm_weight, norm_bias (or None),
+    skip: (C,). Returns (B, S, C) in qk_gates' dtype.
     """
-    _check_inputs(q, k, v, igate, fgate)
-    B, NH, S, DH = q.shape
-    for name, t in (("x", x), ("z", z)):
-        if t.shape != (B, S, NH * DH):
-            raise ValueError(f"{name} must have shape {(B, S, NH * DH)}, got {tuple(t.shape)}")
+    if qk_gates.dim() != 3 or zv_gates.shape != qk_gates.shape:
+        raise ValueError(f"qk_gates and zv_gates must share a (B, S, 2 C + G) shape, got {tuple(qk_gates.shape)} "
+                         f"and {tuple(zv_gates.shape)}")
+    B, S, width = qk_gates.shape
+    G = _gate_columns(num_heads)
+    C = (width - G) // 2
+    if C <= 0 or 2 * C + G != width or C % num_heads:
+        raise ValueError(f"packed width {width} is not 2 C + {G} with C a multiple of num_heads={num_heads}")
+    if qk_gates.stride(-1) != 1 or zv_gates.stride(-1) != 1:
+        raise ValueError("qk_gates and zv_gates must be contiguous in their last dim")
+    q, k, v, _ = _features(qk_gates, zv_gates, num_heads)
+    _check_inputs(q, k, v, *_gate_shares(qk_gates, num_heads))
+    if x.shape != (B, S, C):
+        raise ValueError(f"x must have shape {(B, S, C)}, got {tuple(x.shape)}")
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("skip", skip)):
-        if t is not None and t.shape != (NH * DH,):
-            raise ValueError(f"{name} must have shape {(NH * DH,)}, got {tuple(t.shape)}")
+        if t is not None and t.shape != (C,):
+            raise ValueError(f"{name} must have shape {(C,)}, got {tuple(t.shape)}")
     if S == 0:
-        return torch.empty(B, 0, NH * DH, device=q.device, dtype=q.dtype)
-    return _gated_fwd(q, k, v, igate, fgate, x, z, norm_weight, norm_bias, skip, eps, norm_eps)[0]
+        return torch.empty(B, 0, C, device=x.device, dtype=qk_gates.dtype)
+    return _gated_fwd(qk_gates, zv_gates, x, norm_weight, norm_bias, skip, num_heads, eps, norm_eps)[0]

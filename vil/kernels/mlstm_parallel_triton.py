@@ -42,6 +42,7 @@ products (no tf32).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -171,16 +172,21 @@ def _gate_planes_kernel(
 
 @triton.jit
 def _gate_grads_kernel(
-    rowg_ptr, colg_ptr, fg_ptr, dig_ptr, dfg_ptr,
-    stride_fb, stride_fh, stride_fs, stride_gb, stride_gh, stride_gs, stride_xb, stride_xh, stride_xs,
-    NH, S, BLOCK: tl.constexpr,
+    rowg_ptr, colg_ptr, fg_ptr, dg_ptr, copy_ptr, dg_off,
+    stride_fb, stride_fh, stride_fs, stride_gg, stride_gb, stride_gh, stride_gs,
+    NH, S, BLOCK: tl.constexpr, COPY: tl.constexpr, PAD: tl.constexpr, PADP: tl.constexpr,
 ):
     """d igate_j = colg_j; d logsigmoid(fgate_l) = sum_{i >= l} (rowg_i - colg_i), a suffix sum taken
-    from the end in float64 (row and column sums nearly cancel for strongly forgetting tokens)."""
+    from the end in float64 (row and column sums nearly cancel for strongly forgetting tokens).
+
+    Both gates go into one tensor from element dg_off on, at gate * stride_gg + b * stride_gb + ... (and
+    the same places of copy_ptr if COPY); with PAD > 0 the program of head 0 also zeroes PAD entries
+    after the forget gate's, along the head stride (the padding columns of a packed layout)."""
     pid_bh = tl.program_id(0)
     i_b = (pid_bh // NH).to(tl.int64)
     i_h = (pid_bh % NH).to(tl.int64)
     row = pid_bh.to(tl.int64) * S
+    dst = dg_off + i_b * stride_gb + i_h * stride_gh
     carry = tl.full([], 0.0, tl.float64)
     num_blocks = tl.cdiv(S, BLOCK)
     for i in range(num_blocks):
@@ -192,10 +198,22 @@ def _gate_grads_kernel(
         carry += tl.sum(diff, 0)
         fg = tl.load(fg_ptr + i_b * stride_fb + i_h * stride_fh + offs * stride_fs, mask=ok, other=0.0)
         dfg = dlog_f / (1.0 + tl.exp(fg.to(tl.float64)))  # times sigmoid(-fgate)
-        tl.store(dig_ptr + i_b * stride_gb + i_h * stride_gh + offs * stride_gs,
-                 _cast(colg, dig_ptr.dtype.element_ty), mask=ok)
-        tl.store(dfg_ptr + i_b * stride_xb + i_h * stride_xh + offs * stride_xs,
-                 _cast(dfg, dfg_ptr.dtype.element_ty), mask=ok)
+        dig = _cast(colg, dg_ptr.dtype.element_ty)
+        dfg = _cast(dfg, dg_ptr.dtype.element_ty)
+        tl.store(dg_ptr + dst + offs * stride_gs, dig, mask=ok)
+        tl.store(dg_ptr + dst + stride_gg + offs * stride_gs, dfg, mask=ok)
+        if COPY:
+            tl.store(copy_ptr + dst + offs * stride_gs, dig, mask=ok)
+            tl.store(copy_ptr + dst + stride_gg + offs * stride_gs, dfg, mask=ok)
+        if PAD > 0:
+            if i_h == 0:
+                cols = tl.arange(0, PADP)
+                pad = dg_off + i_b * stride_gb + 2 * stride_gg + cols[None, :] * stride_gh + offs[:, None] * stride_gs
+                zeros = tl.zeros([BLOCK, PADP], dtype=dg_ptr.dtype.element_ty)
+                pad_ok = ok[:, None] & (cols[None, :] < PAD)
+                tl.store(dg_ptr + pad, zeros, mask=pad_ok)
+                if COPY:
+                    tl.store(copy_ptr + pad, zeros, mask=pad_ok)
 
 
 @triton.autotune(configs=_autotune_configs((4, 8), (2, 3)), key=["S", "DH", "BM", "BN", "BV"])
@@ -269,7 +287,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     q_ptr, k_ptr, v_ptr, dh_ptr, gate_ptr, inv_norm_ptr, dden_ptr,
-    dq_ptr, dk_ptr, dv_ptr, rowg_ptr, colg_ptr,
+    dqk_ptr, dv_ptr, rowg_ptr, colg_ptr, dq_off, dk_off, dv_off,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -283,7 +301,9 @@ def _bwd_kernel(
     SPLIT: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program t: dk, dv of key tile t over the query sub-tiles from t on, then dq of query tile t
-    over the key sub-tiles up to t (same number of tile pairs for every t)."""
+    over the key sub-tiles up to t (same number of tile pairs for every t). dq and dk are written into
+    one tensor at element offsets dq_off and dk_off (torch.compile must see each written tensor once
+    per launch), dv at dv_off into its own."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -343,10 +363,10 @@ def _bwd_kernel(
         dv = _weighted(c_t * inv_n_m[None, :], dh_d, dv, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
         dk = _weighted(dc_t * e_t, q_d, dk, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
     out = offs_t[:, None] * stride_gks + offs_d[None, :] * stride_gkd
-    tl.store(dk_ptr + i_b * stride_gkb + i_h * stride_gkh + out, _cast(dk * scale, dk_ptr.dtype.element_ty),
-             mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(dqk_ptr + dk_off + i_b * stride_gkb + i_h * stride_gkh + out,
+             _cast(dk * scale, dqk_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
     out = offs_t[:, None] * stride_gvs + offs_d[None, :] * stride_gvd
-    tl.store(dv_ptr + i_b * stride_gvb + i_h * stride_gvh + out, _cast(dv, dv_ptr.dtype.element_ty),
+    tl.store(dv_ptr + dv_off + i_b * stride_gvb + i_h * stride_gvh + out, _cast(dv, dv_ptr.dtype.element_ty),
              mask=t_ok[:, None] & d_ok[None, :])
 
     # dq of query tile t.
@@ -382,8 +402,8 @@ def _bwd_kernel(
             k_d = _tile(k_base, offs_n, offs_d, stride_ks, stride_kd, n_ok, d_ok)
         dq = _weighted(dc * e, k_d, dq, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
     out = offs_t[:, None] * stride_gqs + offs_d[None, :] * stride_gqd
-    tl.store(dq_ptr + i_b * stride_gqb + i_h * stride_gqh + out, _cast(dq * scale, dq_ptr.dtype.element_ty),
-             mask=t_ok[:, None] & d_ok[None, :])
+    tl.store(dqk_ptr + dq_off + i_b * stride_gqb + i_h * stride_gqh + out,
+             _cast(dq * scale, dqk_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
         tl.store(rowg_ptr + row + offs_t, rowg, mask=t_ok)
         tl.store(colg_ptr + row + offs_t, colg, mask=t_ok)
@@ -438,15 +458,39 @@ def _gate_planes(igate: torch.Tensor, fgate: torch.Tensor) -> tuple[torch.Tensor
     return planes, floor
 
 
-def _gate_grads(rowg, colg, igate, fgate) -> tuple[torch.Tensor, torch.Tensor]:
-    """d igate and d fgate from the row and column sums of the log-decay gradient."""
-    B, NH, S = igate.shape
-    digate, dfgate = torch.empty_like(igate), torch.empty_like(fgate)
+def _offset(base: torch.Tensor, view: torch.Tensor) -> int:
+    # Where a view of base starts, in elements from base's start.
+    return view.storage_offset() - base.storage_offset()
+
+
+class GradDest(NamedTuple):
+    """Where the cell's backward pass writes its gradients: dq and dk into views of one tensor ``qk``, dv
+    into a view of ``v``, and d igate and d fgate into ``g`` at gate * gate_stride + (B, NH, S) strides from
+    ``g_off`` on (and into ``g_copy`` likewise, with ``g_pad`` zeros after them along the head stride;
+    see _gate_grads_kernel). Each kernel gets each tensor once: torch.compile copies tensors that a
+    launch writes through views, and mishandles one tensor passed twice."""
+
+    qk: torch.Tensor
+    dq: torch.Tensor
+    dk: torch.Tensor
+    v: torch.Tensor
+    dv: torch.Tensor
+    g: torch.Tensor
+    g_off: int
+    gate_stride: int
+    g_strides: tuple[int, int, int]
+    g_copy: Optional[torch.Tensor] = None
+    g_pad: int = 0
+
+
+def _gate_grads(rowg, colg, fgate, dest: GradDest) -> None:
+    """d igate and d fgate from the row and column sums of the log-decay gradient, into ``dest``."""
+    B, NH, S = fgate.shape
     wrap_triton(_gate_grads_kernel)[(B * NH,)](
-        rowg, colg, fgate, digate, dfgate, *fgate.stride(), *digate.stride(), *dfgate.stride(), NH, S,
-        BLOCK=_GATE_BLOCK,
+        rowg, colg, fgate, dest.g, dest.g_copy, dest.g_off,
+        *fgate.stride(), dest.gate_stride, *dest.g_strides, NH, S,
+        BLOCK=_GATE_BLOCK, COPY=dest.g_copy is not None, PAD=dest.g_pad, PADP=triton.next_power_of_2(max(dest.g_pad, 1)),
     )
-    return digate, dfgate
 
 
 def cell_forward(q, k, v, igate, fgate, eps: float):
@@ -469,25 +513,25 @@ def cell_forward(q, k, v, igate, fgate, eps: float):
     return h, norm, den, planes, floor
 
 
-def cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor):
-    """Launches the backward pass from dh and the row sums dh . h, (B * NH, S) in float32:
-    dq, dk, dv, d igate, d fgate."""
+def cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor, dest: GradDest) -> None:
+    """Launches the backward pass from dh and the row sums dh . h, (B * NH, S) in float32: dq, dk, dv,
+    d igate, d fgate, written into ``dest``."""
     B, NH, S, DH = q.shape
     _, blocks = _block_sizes(S, DH, q.element_size())
     # n_i = max(|den_i|, exp(-m_i)) + eps, h_i = num_i / n_i: dL/dn_i = -(dh_i . h_i) / n_i.
     dnorm = -dh_dot_h / norm
     dden = torch.where(den.abs() > floor, torch.where(den > 0, dnorm, -dnorm), 0.0)
-    dq, dk, dv = _empty_heads_like(q), _empty_heads_like(k), _empty_heads_like(v)
     rowg = torch.empty(B * NH, S, device=q.device, dtype=torch.float32)
     colg = torch.empty_like(rowg)
     wrap_triton(_bwd_kernel)[(triton.cdiv(S, blocks["BLOCK"]), triton.cdiv(DH, blocks["BD"]), B * NH)](
-        q, k, v, dh, planes, 1.0 / norm, dden, dq, dk, dv, rowg, colg,
+        q, k, v, dh, planes, 1.0 / norm, dden, dest.qk, dest.v, rowg, colg,
+        _offset(dest.qk, dest.dq), _offset(dest.qk, dest.dk), _offset(dest.v, dest.dv),
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh),
-        *_strides4(dq), *_strides4(dk), *_strides4(dv),
+        *_strides4(dest.dq), *_strides4(dest.dk), *_strides4(dest.dv),
         NH, S, 1.0 / math.sqrt(DH),
         DH=DH, **blocks, SPLIT=_SPLIT, **_dot_config(q.dtype),
     )
-    return dq, dk, dv, *_gate_grads(rowg, colg, igate, fgate)
+    _gate_grads(rowg, colg, fgate, dest)
 
 
 @triton_op("vil::mlstm_parallel_fwd", mutates_args={})
@@ -502,10 +546,17 @@ def _mlstm_bwd(
     dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
     igate: torch.Tensor, fgate: torch.Tensor, norm: torch.Tensor, den: torch.Tensor, planes: torch.Tensor,
     floor: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, NH, S, DH = q.shape
     dh_dot_h = (dh.float() * h).sum(-1).reshape(B * NH, S)
-    return cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor)
+    # dq and dk token-major in one tensor, the gates' gradients in another; split by the caller.
+    dqk = torch.empty(B, S, 2, NH, DH, device=q.device, dtype=q.dtype)
+    dv = _empty_heads_like(v)
+    dg = torch.empty(2, B, NH, S, device=q.device, dtype=igate.dtype)
+    dest = GradDest(dqk, dqk[:, :, 0].transpose(1, 2), dqk[:, :, 1].transpose(1, 2), dv, dv,
+                    dg, 0, dg.stride(0), dg.stride()[1:])
+    cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor, dest)
+    return dqk, dv, dg
 
 
 def _setup_context(ctx, inputs, output):
@@ -515,7 +566,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dh, *_):
-    return (*_mlstm_bwd(dh, *ctx.saved_tensors), None)
+    dqk, dv, dg = _mlstm_bwd(dh, *ctx.saved_tensors)
+    return dqk[:, :, 0].transpose(1, 2), dqk[:, :, 1].transpose(1, 2), dv, dg[0], dg[1], None
 
 
 _mlstm_fwd.register_autograd(_backward, setup_context=_setup_context)
