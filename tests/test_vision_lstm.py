@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -310,22 +312,27 @@ def test_patch_embed_is_the_strided_convolution():
 
 @pytest.mark.parametrize("norm_bias", [True, False])
 def test_triton_form_matches_parallel_form(norm_bias):
-    # The Triton path (cell kernels with head norm, skip and output gate fused around them; on a CPU in
-    # Triton's interpreter) against the PyTorch parallel form, outputs and all parameter gradients.
+    # The Triton path in float32 (packed projections, cell kernels with head norm, skip and output gate
+    # fused around them; on a CPU in Triton's interpreter) against the PyTorch parallel form in float64,
+    # outputs and all parameter gradients.
     pytest.importorskip("triton")
     model = vil.create_model("vil2_nano", **SMALL, norm_bias=norm_bias, mlstm_form="parallel")
     for p in model.parameters():  # away from the init's zeros, so that every gradient path carries signal
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 3, 16, 16)
-    outs, grads = [], []
-    for form in ("parallel", "triton"):
-        model.set_mlstm_form(form)
-        out = model(x)
-        outs.append(out)
-        grads.append(torch.autograd.grad(out.square().sum(), list(model.parameters())))
-    assert rel(outs[1], outs[0]) < 1e-5
-    for (name, _), a, b in zip(model.named_parameters(), *grads):
-        assert rel(a, b) < 1e-4, name
+    reference = copy.deepcopy(model).double()
+    runs = {}
+    for name, m, form, inputs in (("float64", reference, "parallel", x.double()), ("parallel", model, "parallel", x),
+                                  ("triton", model, "triton", x)):
+        m.set_mlstm_form(form)
+        out = m(inputs)
+        runs[name] = (out, *torch.autograd.grad(out.square().sum(), list(m.parameters())))
+    # Against float64: within 1e-5 (output) and 1e-4 (gradients), or 3x the error of the float32 PyTorch
+    # forms where float32 rounding alone comes near that (sums of many cancelling terms).
+    names = ["output"] + [name for name, _ in model.named_parameters()]
+    for i, name in enumerate(names):
+        floor = rel(runs["parallel"][i], runs["float64"][i])
+        assert rel(runs["triton"][i], runs["float64"][i]) < max(1e-5 if i == 0 else 1e-4, 3 * floor), name
 
 
 @pytest.mark.gpu
