@@ -174,46 +174,47 @@ def _gate_planes_kernel(
 def _gate_grads_kernel(
     rowg_ptr, colg_ptr, fg_ptr, dg_ptr, copy_ptr, dg_off,
     stride_fb, stride_fh, stride_fs, stride_gg, stride_gb, stride_gh, stride_gs,
-    NH, S, BLOCK: tl.constexpr, COPY: tl.constexpr, PAD: tl.constexpr, PADP: tl.constexpr,
+    NH, S, BLOCK: tl.constexpr, HP: tl.constexpr, COPY: tl.constexpr, PAD: tl.constexpr, PADP: tl.constexpr,
 ):
     """d igate_j = colg_j; d logsigmoid(fgate_l) = sum_{i >= l} (rowg_i - colg_i), a suffix sum taken
     from the end in float64 (row and column sums nearly cancel for strongly forgetting tokens).
 
-    Both gates go into one tensor from element dg_off on, at gate * stride_gg + b * stride_gb + ... (and
-    the same places of copy_ptr if COPY); with PAD > 0 the program of head 0 also zeroes PAD entries
-    after the forget gate's, along the head stride (the padding columns of a packed layout)."""
-    pid_bh = tl.program_id(0)
-    i_b = (pid_bh // NH).to(tl.int64)
-    i_h = (pid_bh % NH).to(tl.int64)
-    row = pid_bh.to(tl.int64) * S
-    dst = dg_off + i_b * stride_gb + i_h * stride_gh
-    carry = tl.full([], 0.0, tl.float64)
+    One program per batch element, all heads at once (a packed layout holds a token's gates side by
+    side). Both gates go into one tensor from element dg_off on, at gate * stride_gg + b * stride_gb + ...
+    (and the same places of copy_ptr if COPY); with PAD > 0 also PAD zeros after the forget gates along
+    the head stride (the padding columns of a packed layout)."""
+    i_b = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, HP)
+    h_ok = heads < NH
+    rows = (i_b * NH + heads) * S  # offsets of the heads' rows of rowg and colg
+    dst = dg_off + i_b * stride_gb + heads[None, :] * stride_gh
+    carry = tl.zeros([HP], dtype=tl.float64)
     num_blocks = tl.cdiv(S, BLOCK)
     for i in range(num_blocks):
         offs = (num_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < S
-        colg = tl.load(colg_ptr + row + offs, mask=ok, other=0.0)
-        diff = tl.load(rowg_ptr + row + offs, mask=ok, other=0.0).to(tl.float64) - colg.to(tl.float64)
-        dlog_f = carry + tl.cumsum(diff, 0, reverse=True)
+        ok = (offs < S)[:, None] & h_ok[None, :]
+        colg = tl.load(colg_ptr + rows[None, :] + offs[:, None], mask=ok, other=0.0)
+        diff = tl.load(rowg_ptr + rows[None, :] + offs[:, None], mask=ok, other=0.0).to(tl.float64) - colg.to(tl.float64)
+        dlog_f = carry[None, :] + tl.cumsum(diff, 0, reverse=True)
         carry += tl.sum(diff, 0)
-        fg = tl.load(fg_ptr + i_b * stride_fb + i_h * stride_fh + offs * stride_fs, mask=ok, other=0.0)
+        fg = tl.load(fg_ptr + i_b * stride_fb + heads[None, :] * stride_fh + offs[:, None] * stride_fs, mask=ok, other=0.0)
         dfg = dlog_f / (1.0 + tl.exp(fg.to(tl.float64)))  # times sigmoid(-fgate)
         dig = _cast(colg, dg_ptr.dtype.element_ty)
         dfg = _cast(dfg, dg_ptr.dtype.element_ty)
-        tl.store(dg_ptr + dst + offs * stride_gs, dig, mask=ok)
-        tl.store(dg_ptr + dst + stride_gg + offs * stride_gs, dfg, mask=ok)
+        at = dst + offs[:, None] * stride_gs
+        tl.store(dg_ptr + at, dig, mask=ok)
+        tl.store(dg_ptr + at + stride_gg, dfg, mask=ok)
         if COPY:
-            tl.store(copy_ptr + dst + offs * stride_gs, dig, mask=ok)
-            tl.store(copy_ptr + dst + stride_gg + offs * stride_gs, dfg, mask=ok)
+            tl.store(copy_ptr + at, dig, mask=ok)
+            tl.store(copy_ptr + at + stride_gg, dfg, mask=ok)
         if PAD > 0:
-            if i_h == 0:
-                cols = tl.arange(0, PADP)
-                pad = dg_off + i_b * stride_gb + 2 * stride_gg + cols[None, :] * stride_gh + offs[:, None] * stride_gs
-                zeros = tl.zeros([BLOCK, PADP], dtype=dg_ptr.dtype.element_ty)
-                pad_ok = ok[:, None] & (cols[None, :] < PAD)
-                tl.store(dg_ptr + pad, zeros, mask=pad_ok)
-                if COPY:
-                    tl.store(copy_ptr + pad, zeros, mask=pad_ok)
+            cols = tl.arange(0, PADP)
+            pad = dg_off + i_b * stride_gb + 2 * stride_gg + cols[None, :] * stride_gh + offs[:, None] * stride_gs
+            zeros = tl.zeros([BLOCK, PADP], dtype=dg_ptr.dtype.element_ty)
+            pad_ok = (offs < S)[:, None] & (cols[None, :] < PAD)
+            tl.store(dg_ptr + pad, zeros, mask=pad_ok)
+            if COPY:
+                tl.store(copy_ptr + pad, zeros, mask=pad_ok)
 
 
 @triton.autotune(configs=_autotune_configs((4, 8), (2, 3)), key=["S", "DH", "BM", "BN", "BV"])
@@ -486,10 +487,12 @@ class GradDest(NamedTuple):
 def _gate_grads(rowg, colg, fgate, dest: GradDest) -> None:
     """d igate and d fgate from the row and column sums of the log-decay gradient, into ``dest``."""
     B, NH, S = fgate.shape
-    wrap_triton(_gate_grads_kernel)[(B * NH,)](
+    hp = triton.next_power_of_2(NH)
+    wrap_triton(_gate_grads_kernel)[(B,)](
         rowg, colg, fgate, dest.g, dest.g_copy, dest.g_off,
         *fgate.stride(), dest.gate_stride, *dest.g_strides, NH, S,
-        BLOCK=_GATE_BLOCK, COPY=dest.g_copy is not None, PAD=dest.g_pad, PADP=triton.next_power_of_2(max(dest.g_pad, 1)),
+        BLOCK=max(16, _GATE_BLOCK // hp), HP=hp, COPY=dest.g_copy is not None, PAD=dest.g_pad,
+        PADP=triton.next_power_of_2(max(dest.g_pad, 1)),
     )
 
 
