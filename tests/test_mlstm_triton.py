@@ -222,11 +222,10 @@ def test_gate_kernels_carry_across_blocks():
     assert g[..., 2 * NH + 3 :].isnan().all() and g_copy[..., 2 * NH + 3 :].isnan().all()
 
 
-def unpack_gated(qk_gates, zv_gates, NH):
+def unpack_gated(qk_gates, zv_gates, NH, C):
     """q, k, v (B, NH, S, DH), z (B, S, C) and the gates (B, NH, S) of the packed layout, independently of
-    the kernels' own unpacking: C = NH * DH features each, then 2 NH gate columns and padding to 16."""
+    the kernels' own unpacking: C = NH * DH features each, then 2 NH gate columns, then padding."""
     B, S, width = qk_gates.shape
-    C = (width - 16 * math.ceil(2 * NH / 16)) // 2
     heads = lambda t: t.reshape(B, S, NH, C // NH).permute(0, 2, 1, 3)  # noqa: E731
     gates = (qk_gates[..., 2 * C : 2 * C + 2 * NH] + zv_gates[..., 2 * C : 2 * C + 2 * NH]).permute(0, 2, 1)
     q, k, z, v = qk_gates[..., :C], qk_gates[..., C : 2 * C], zv_gates[..., :C], zv_gates[..., C : 2 * C]
@@ -235,7 +234,7 @@ def unpack_gated(qk_gates, zv_gates, NH):
 
 def gated_reference(qk_gates, zv_gates, x, norm_weight, norm_bias, skip, NH, norm_eps=1e-5):
     """The mLSTM layer's output stage around the cell, in float64."""
-    q, k, v, z, igate, fgate = unpack_gated(qk_gates.double(), zv_gates.double(), NH)
+    q, k, v, z, igate, fgate = unpack_gated(qk_gates.double(), zv_gates.double(), NH, x.shape[-1])
     h = mlstm_reference(q, k, v, igate, fgate)
     B, NH, S, DH = h.shape
     hn = F.layer_norm(h, (DH,), eps=norm_eps).transpose(1, 2).reshape(B, S, NH * DH)
@@ -254,7 +253,7 @@ def make_gated_inputs(B, NH, S, DH, dtype, gates, bias=True, device=DEVICE, seed
     tokens = lambda t: t.detach().transpose(1, 2).reshape(B, S, -1)  # noqa: E731
     gate_cols = torch.cat([tokens(igate.unsqueeze(-1)), tokens(fgate.unsqueeze(-1))], -1)  # (B, S, 2 NH)
     share = torch.randn(B, S, 2 * NH, generator=g)
-    pad = 16 * math.ceil(2 * NH / 16) - 2 * NH
+    pad = 7  # any padding: the kernels take C from x
     qk_gates = torch.cat([tokens(q), tokens(k), gate_cols - share, torch.randn(B, S, pad, generator=g)], -1)
     zv_gates = torch.cat([torch.randn(B, S, C, generator=g), tokens(v), share, torch.randn(B, S, pad, generator=g)], -1)
     # x as a strided view, as the layer's convolution output can be.

@@ -231,11 +231,13 @@ class MLSTMLayer(nn.Module):
         v and its share of the gates are linear in x_mlstm, itself linear in x, so they come from x with
         the composed weights, beside z (a matmul over the model width instead of the twice wider inner
         width); and the gates, linear in q, k and v, come out of the projections instead of a matmul of
-        their own over the concatenated q, k, v. The gate columns are zero-padded to 16 so that the
-        outputs' rows stay 16-aligned, which the fast matmul kernels need.
+        their own over the concatenated q, k, v. The gate columns are zero-padded so that the outputs' rows
+        stay 16-aligned, which the fast matmul kernels need, and rows wider than 1024 are 64-aligned (128
+        bytes in half precision): torch.compile pads wider intermediate buffers to that alignment and
+        would then copy them for the kernels, which take the unpadded layout they were traced with.
         """
         inner, nh = self.inner, self.num_heads
-        pad = -(2 * nh) % 16
+        pad = -(2 * inner + 2 * nh) % (64 if 2 * inner + 2 * nh > 1024 else 16)
         wq, wk, wv = (p.dense_weight() for p in (self.q_proj, self.k_proj, self.v_proj))
         gate_w = F.pad(torch.cat([self.mlstm_cell.igate.weight, self.mlstm_cell.fgate.weight]), (0, 0, 0, pad))
         gate_b = F.pad(torch.cat([self.mlstm_cell.igate.bias, self.mlstm_cell.fgate.bias]), (0, pad))

@@ -195,29 +195,22 @@ def _norm_gate_backward(dout, h, x, z, norm_weight, norm_bias, skip, norm_eps, d
     return dh, dh_dot_h, dx, dw, db, dskip
 
 
-def _gate_columns(num_heads: int) -> int:
-    # Packed rows hold 2 C features, then the gate shares: 2 NH columns, padded to a multiple of 16.
-    return 2 * num_heads + (-2 * num_heads) % 16
-
-
-def _features(qk_gates: torch.Tensor, zv_gates: torch.Tensor, num_heads: int):
+def _features(qk_gates: torch.Tensor, zv_gates: torch.Tensor, num_heads: int, C: int):
     """Views of the packed projections' features: q, k, v (B, NH, S, DH) and z (B, S, C)."""
-    C = (qk_gates.shape[-1] - _gate_columns(num_heads)) // 2
     heads = lambda t: t.unflatten(-1, (num_heads, C // num_heads)).transpose(1, 2)  # noqa: E731
     return heads(qk_gates[..., :C]), heads(qk_gates[..., C : 2 * C]), heads(zv_gates[..., C : 2 * C]), zv_gates[..., :C]
 
 
-def _gate_shares(packed: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gate_shares(packed: torch.Tensor, num_heads: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed tensor's gate columns as (B, NH, S) views: input gate, forget gate."""
-    C = (packed.shape[-1] - _gate_columns(num_heads)) // 2
     gates = packed[..., 2 * C : 2 * C + 2 * num_heads].transpose(1, 2)
     return gates[:, :num_heads], gates[:, num_heads:]
 
 
-def _unpack(qk_gates: torch.Tensor, zv_gates: torch.Tensor, num_heads: int):
+def _unpack(qk_gates: torch.Tensor, zv_gates: torch.Tensor, num_heads: int, C: int):
     """q, k, v, z and the gate pre-activations, the sums of their two shares (float32)."""
-    gates = [a.float() + b.float() for a, b in zip(_gate_shares(qk_gates, num_heads), _gate_shares(zv_gates, num_heads))]
-    return *_features(qk_gates, zv_gates, num_heads), *gates
+    shares = zip(_gate_shares(qk_gates, num_heads, C), _gate_shares(zv_gates, num_heads, C))
+    return *_features(qk_gates, zv_gates, num_heads, C), *(a.float() + b.float() for a, b in shares)
 
 
 @triton_op("vil::mlstm_gated_fwd", mutates_args={})
@@ -225,7 +218,7 @@ def _gated_fwd(
     qk_gates: torch.Tensor, zv_gates: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: Optional[torch.Tensor], skip: torch.Tensor, num_heads: int, eps: float, norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, z, igate, fgate = _unpack(qk_gates, zv_gates, num_heads)
+    q, k, v, z, igate, fgate = _unpack(qk_gates, zv_gates, num_heads, x.shape[-1])
     h, norm, den, planes, floor = cell_forward(q, k, v, igate, fgate, eps)
     out = _norm_gate_forward(h, x, z, norm_weight, norm_bias, skip, norm_eps, q.dtype)
     return out, h, norm, den, planes, floor  # all but out kept for the backward pass
@@ -238,15 +231,16 @@ def _gated_bwd(
     norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], skip: torch.Tensor, num_heads: int,
     norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, z, igate, fgate = _unpack(qk_gates, zv_gates, num_heads)
+    C = x.shape[-1]
+    q, k, v, z, igate, fgate = _unpack(qk_gates, zv_gates, num_heads, C)
     # The gradients in the packed layouts, each part written in place by the kernels: no concatenation.
     d_qk, d_zv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (qk_gates, zv_gates))
-    dq, dk, dv, _ = _features(d_qk, d_zv, num_heads)
+    dq, dk, dv, _ = _features(d_qk, d_zv, num_heads, C)
     dh, dh_dot_h, dx, dw, db, dskip = _norm_gate_backward(dout, h, x, z, norm_weight, norm_bias, skip, norm_eps, q, d_zv)
-    dig, _ = _gate_shares(d_qk, num_heads)
+    dig, _ = _gate_shares(d_qk, num_heads, C)
     # Both shares of a gate get its gradient; the padding columns get zeros.
     dest = GradDest(d_qk, dq, dk, d_zv, dv, d_qk, _offset(d_qk, dig), num_heads, dig.stride(),
-                    g_copy=d_zv, g_pad=_gate_columns(num_heads) - 2 * num_heads)
+                    g_copy=d_zv, g_pad=qk_gates.shape[-1] - 2 * C - 2 * num_heads)
     cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor, dest)
     return d_qk, d_zv, dx, dw, db, dskip
 
@@ -278,7 +272,7 @@ def mlstm_gated_triton(
     them; differentiable w.r.t. all tensor inputs.
 
     The cell's inputs come packed as the layer's two projection matmuls give them (C = NH * DH features,
-    head-major; G = 2 NH gate columns padded to a multiple of 16):
+    head-major, C taken from x; then G >= 2 NH gate columns, any padding after the gates):
 
         qk_gates (B, S, 2 C + G): q | k | input-gate shares (NH) | forget-gate shares (NH) | padding
         zv_gates (B, S, 2 C + G): z | v | input-gate shares (NH) | forget-gate shares (NH) | padding
@@ -292,16 +286,16 @@ def mlstm_gated_triton(
         raise ValueError(f"qk_gates and zv_gates must share a (B, S, 2 C + G) shape, got {tuple(qk_gates.shape)} "
                          f"and {tuple(zv_gates.shape)}")
     B, S, width = qk_gates.shape
-    G = _gate_columns(num_heads)
-    C = (width - G) // 2
-    if C <= 0 or 2 * C + G != width or C % num_heads:
-        raise ValueError(f"packed width {width} is not 2 C + {G} with C a multiple of num_heads={num_heads}")
+    if x.dim() != 3 or x.shape[:2] != (B, S):
+        raise ValueError(f"x must have shape ({B}, {S}, C), got {tuple(x.shape)}")
+    C = x.shape[2]
+    if C % num_heads or width < 2 * C + 2 * num_heads:
+        raise ValueError(f"packed width {width} is not 2 C + G with C = {C} (from x) a multiple of "
+                         f"num_heads={num_heads} and G >= {2 * num_heads}")
     if qk_gates.stride(-1) != 1 or zv_gates.stride(-1) != 1:
         raise ValueError("qk_gates and zv_gates must be contiguous in their last dim")
-    q, k, v, _ = _features(qk_gates, zv_gates, num_heads)
-    _check_inputs(q, k, v, *_gate_shares(qk_gates, num_heads))
-    if x.shape != (B, S, C):
-        raise ValueError(f"x must have shape {(B, S, C)}, got {tuple(x.shape)}")
+    q, k, v, _ = _features(qk_gates, zv_gates, num_heads, C)
+    _check_inputs(q, k, v, *_gate_shares(qk_gates, num_heads, C))
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("skip", skip)):
         if t is not None and t.shape != (C,):
             raise ValueError(f"{name} must have shape {(C,)}, got {tuple(t.shape)}")
