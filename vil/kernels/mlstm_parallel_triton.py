@@ -29,7 +29,7 @@ Narrow heads (DH <= 128) contract the head dim in one tl.dot, padded to a power 
 hold the tiles they reuse in registers. Wider heads would spill them: they contract the head dim in
 chunks of a power of two that divides it (192 = 3 x 64, 384 = 3 x 128), loading the chunks at each step.
 
-Two small kernels do the gate pre- and post-processing (cumulative sums and maxima over S, per head).
+Two small kernels do the gate pre- and post-processing (cumulative sums and maxima over S).
 The stabilizer is held constant in the backward pass: it cancels from h except through eps.
 
 Precision: half-precision inputs use half-precision tensor-core operands with float32 accumulation.
