@@ -232,7 +232,7 @@ def _gated_bwd(
     norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     C = x.shape[-1]
-    q, k, v, z, igate, fgate = _unpack(qk_gates, zv_gates, num_heads, C)
+    q, k, v, z, _, fgate = _unpack(qk_gates, zv_gates, num_heads, C)
     # The gradients in the packed layouts, each part written in place by the kernels: no concatenation.
     d_qk, d_zv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (qk_gates, zv_gates))
     dq, dk, dv, _ = _features(d_qk, d_zv, num_heads, C)
@@ -241,7 +241,7 @@ def _gated_bwd(
     # Both shares of a gate get its gradient; the padding columns get zeros.
     dest = GradDest(d_qk, dq, dk, d_zv, dv, d_qk, _offset(d_qk, dig), num_heads, dig.stride(),
                     g_copy=d_zv, g_pad=qk_gates.shape[-1] - 2 * C - 2 * num_heads)
-    cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor, dest)
+    cell_backward(dh, dh_dot_h, q, k, v, fgate, norm, den, planes, floor, dest)
     return d_qk, d_zv, dx, dw, db, dskip
 
 

@@ -516,7 +516,7 @@ def cell_forward(q, k, v, igate, fgate, eps: float):
     return h, norm, den, planes, floor
 
 
-def cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor, dest: GradDest) -> None:
+def cell_backward(dh, dh_dot_h, q, k, v, fgate, norm, den, planes, floor, dest: GradDest) -> None:
     """Launches the backward pass from dh and the row sums dh . h, (B * NH, S) in float32: dq, dk, dv,
     d igate, d fgate, written into ``dest``."""
     B, NH, S, DH = q.shape
@@ -556,10 +556,14 @@ def _mlstm_bwd(
     dqk = torch.empty(B, S, 2, NH, DH, device=q.device, dtype=q.dtype)
     dv = _empty_heads_like(v)
     dg = torch.empty(2, B, NH, S, device=q.device, dtype=igate.dtype)
-    dest = GradDest(dqk, dqk[:, :, 0].transpose(1, 2), dqk[:, :, 1].transpose(1, 2), dv, dv,
-                    dg, 0, dg.stride(0), dg.stride()[1:])
-    cell_backward(dh, dh_dot_h, q, k, v, igate, fgate, norm, den, planes, floor, dest)
+    dest = GradDest(dqk, *_dq_dk(dqk), dv, dv, dg, 0, dg.stride(0), dg.stride()[1:])
+    cell_backward(dh, dh_dot_h, q, k, v, fgate, norm, den, planes, floor, dest)
     return dqk, dv, dg
+
+
+def _dq_dk(dqk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # dq and dk, (B, NH, S, DH) views of the (B, S, 2, NH, DH) tensor that holds both.
+    return dqk[:, :, 0].transpose(1, 2), dqk[:, :, 1].transpose(1, 2)
 
 
 def _setup_context(ctx, inputs, output):
@@ -570,7 +574,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dh, *_):
     dqk, dv, dg = _mlstm_bwd(dh, *ctx.saved_tensors)
-    return dqk[:, :, 0].transpose(1, 2), dqk[:, :, 1].transpose(1, 2), dv, dg[0], dg[1], None
+    return *_dq_dk(dqk), dv, dg[0], dg[1], None
 
 
 _mlstm_fwd.register_autograd(_backward, setup_context=_setup_context)
