@@ -121,7 +121,7 @@ def test_fp32_matches_reference(B, NH, S, DH, chunk_size, gates, kernel):
 
 
 @runs_here
-@pytest.mark.parametrize("dtype,gates,tol", [(torch.float32, "wide", 1e-4), (torch.bfloat16, "normal", 2e-3)])
+@pytest.mark.parametrize("dtype,gates,tol", [(torch.float32, "wide", 1e-4), (torch.bfloat16, "normal", 4e-3)])
 def test_tiled_wide_heads_match_reference(dtype, gates, tol):
     # Heads of at least CHUNKED_MIN_HEAD_DIM are contracted in head-dim chunks (160 = 5 x 32) and their
     # outputs tiled by 128 (a full and a partial tile).
@@ -185,11 +185,14 @@ def test_half_precision_matches_reference(dtype, gate_dtype, gates, kernel):
     # The tiled kernel keeps h in float32 (its backward pass forms dh . h from it).
     assert outs[0].dtype == (torch.float32 if kernel == "tiled" else dtype)
     assert all(g.dtype == x.dtype for g, x in zip(outs[1:], inputs))
-    # The tiled kernel is held tighter: its float32 h leaves only the gradients' final rounding.
-    assert_all_close(outs, refs, 2e-3 if kernel == "tiled" else 1e-2)
+    # The tiled kernel is held tighter: its float32 h leaves h and the gate gradients nearly exact, and dq,
+    # dk, dv with the rounding of their products' operands (here up to 2.5e-3).
+    assert_all_close(outs, refs, 4e-3 if kernel == "tiled" else 1e-2)
+    if kernel == "tiled":
+        errs = {name: rel_err(outs[i], refs[i]) for i, name in enumerate(NAMES) if name in ("h", "digate", "dfgate")}
+        assert all(e < 1e-4 for e in errs.values()), errs
 
 
-@runs_here
 @runs_here
 def test_gate_kernels_carry_across_blocks():
     # The tiled kernel's gate pre- and post-processing walks the sequence in blocks of 256 tokens,

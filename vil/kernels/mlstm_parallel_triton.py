@@ -33,10 +33,13 @@ Two small kernels do the gate pre- and post-processing (cumulative sums and maxi
 The stabilizer is held constant in the backward pass: it cancels from h except through eps.
 
 Precision: half-precision inputs use half-precision tensor-core operands with float32 accumulation.
-Products of two inputs (q k^T, dh v^T) are exact in one; products with a float32 decay-weighted
-operand split it into two half-precision parts (about 16 mantissa bits). Rows with |den| much smaller
-than sum_j |C_ij| amplify rounding errors, the gradients by the square of that ratio: so h is returned
-and kept in float32, and the backward pass forms dh . h from it. Float32 inputs use exact float32
+Products of two inputs (q k^T, dh v^T) are exact in one. The forward pass's product with the float32
+decay-weighted scores splits them into two half-precision parts (about 16 mantissa bits): rows with
+|den| much smaller than sum_j |C_ij| amplify errors in h, and the gate gradients inherit them through
+dh . h. So h is returned and kept in float32, and the backward pass forms dh . h from it. The backward
+pass's products round their decay-weighted operands to the input dtype, as flash attention rounds its
+probabilities: they feed only dq, dk and dv, which keep errors of that rounding's size (splitting
+there cost 10% of the backward kernel's time at the ViL-T shapes). Float32 inputs use exact float32
 products (no tf32).
 """
 from __future__ import annotations
@@ -55,8 +58,6 @@ from vil.kernels.mlstm_triton import (
 )
 
 __all__ = ["mlstm_parallel_triton"]
-
-_SPLIT = True
 
 
 @triton.jit
@@ -88,16 +89,6 @@ def _gram(a_base, b_base, offs_a, offs_b, a_ok, b_ok, stride_as, stride_ad, stri
         b = _tile_t(b_base, offs_b, offs_k, stride_bs, stride_bd, b_ok, k_ok)
         acc = _dot(a, b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
     return acc
-
-
-@triton.jit
-def _weighted(a, b, acc, SPLIT: tl.constexpr,
-              OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    # acc + a @ b for a float32 a (decay-weighted) and an input-dtype b; with SPLIT, a keeps ~16
-    # mantissa bits through two half-precision products.
-    if SPLIT:
-        return _dot_split_lhs(a, b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
-    return _dot(a, b, acc, OP_DTYPE, DOT_DTYPE, PRECISION)
 
 
 # The gate planes: four (BH, S) float32 rows b_hi, b_lo, M_hi, M_lo (b = igate - F, M its running max,
@@ -227,7 +218,7 @@ def _fwd_kernel(
     stride_hb, stride_hh, stride_hs, stride_hd,
     NH, S, scale: tl.constexpr, eps: tl.constexpr,
     DH: tl.constexpr, DHP: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BV: tl.constexpr, SPLIT: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BV: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Output tile (query tile pid_m, value features of tile pid_v)."""
     pid_m = tl.program_id(0)
@@ -267,7 +258,7 @@ def _fwd_kernel(
         c = s * scale * _decay(m_hi, m_lo, b_hi, b_lo, offs_m[:, None] >= offs_n[None, :])
         den += tl.sum(c, 1)
         v = _tile(v_base, offs_n, offs_v, stride_vs, stride_vd, n_ok, v_ok)
-        num = _weighted(c, v, num, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
+        num = _dot_split_lhs(c, v, num, OP_DTYPE, DOT_DTYPE, PRECISION)
 
     floor = tl.load(floor_ptr + row + offs_m, mask=m_ok, other=1.0)
     norm = tl.maximum(tl.abs(den), floor) + eps
@@ -299,7 +290,7 @@ def _bwd_kernel(
     NH, S, scale: tl.constexpr,
     DH: tl.constexpr, DHP: tl.constexpr, KC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
     BD: tl.constexpr,
-    SPLIT: tl.constexpr, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program t: dk, dv of key tile t over the query sub-tiles from t on, then dq of query tile t
     over the key sub-tiles up to t (same number of tile pairs for every t). dq and dk are written into
@@ -361,8 +352,8 @@ def _bwd_kernel(
         else:
             q_d = _tile(q_base, offs_m, offs_d, stride_qs, stride_qd, m_ok, d_ok)
             dh_d = _tile(dh_base, offs_m, offs_d, stride_ds, stride_dd, m_ok, d_ok)
-        dv = _weighted(c_t * inv_n_m[None, :], dh_d, dv, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
-        dk = _weighted(dc_t * e_t, q_d, dk, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dv = _dot(c_t * inv_n_m[None, :], dh_d, dv, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dk = _dot(dc_t * e_t, q_d, dk, OP_DTYPE, DOT_DTYPE, PRECISION)
     out = offs_t[:, None] * stride_gks + offs_d[None, :] * stride_gkd
     tl.store(dqk_ptr + dk_off + i_b * stride_gkb + i_h * stride_gkh + out,
              _cast(dk * scale, dqk_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
@@ -401,7 +392,7 @@ def _bwd_kernel(
             k_d = tl.trans(k_t)
         else:
             k_d = _tile(k_base, offs_n, offs_d, stride_ks, stride_kd, n_ok, d_ok)
-        dq = _weighted(dc * e, k_d, dq, SPLIT, OP_DTYPE, DOT_DTYPE, PRECISION)
+        dq = _dot(dc * e, k_d, dq, OP_DTYPE, DOT_DTYPE, PRECISION)
     out = offs_t[:, None] * stride_gqs + offs_d[None, :] * stride_gqd
     tl.store(dqk_ptr + dq_off + i_b * stride_gqb + i_h * stride_gqh + out,
              _cast(dq * scale, dqk_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
@@ -511,7 +502,7 @@ def cell_forward(q, k, v, igate, fgate, eps: float):
         q, k, v, h, planes, floor, norm, den,
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(h),
         NH, S, 1.0 / math.sqrt(DH), eps,
-        DH=DH, **blocks, SPLIT=_SPLIT, **_dot_config(q.dtype),
+        DH=DH, **blocks, **_dot_config(q.dtype),
     )
     return h, norm, den, planes, floor
 
@@ -532,7 +523,7 @@ def cell_backward(dh, dh_dot_h, q, k, v, fgate, norm, den, planes, floor, dest: 
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh),
         *_strides4(dest.dq), *_strides4(dest.dk), *_strides4(dest.dv),
         NH, S, 1.0 / math.sqrt(DH),
-        DH=DH, **blocks, SPLIT=_SPLIT, **_dot_config(q.dtype),
+        DH=DH, **blocks, **_dot_config(q.dtype),
     )
     _gate_grads(rowg, colg, fgate, dest)
 
