@@ -146,26 +146,13 @@ def mlstm_chunkwise(q, k, v, igate, fgate, chunk_size: int = 64, eps: float = 1e
 # and backward: 2.3x the chunkwise kernel at 196 tokens, even at 1024); beyond it the chunkwise kernel,
 # whose work grows linearly with the sequence (2.8x faster at 4096 tokens).
 TILED_MAX_TOKENS = 1024
-# Heads wider than this, at up to COMPILED_PARALLEL_MAX_TOKENS tokens and under torch.compile, use the
-# PyTorch parallel form, which the compiler fuses into faster kernels there; the tiled kernel tiles such
-# heads' outputs and recomputes the scores per tile. H100, bf16, GPU time of a training step at 224
-# (torch.compile per block pair): ViL-B (heads of 384) 152 ms (parallel) vs 161 ms (kernels);
-# ViL-S (192) 150 vs 128 ms, 1,659 vs 1,915 img/s, peak memory 31.8 vs 21.5 GiB.
-COMPILED_PARALLEL_MIN_HEAD_DIM = 192
-COMPILED_PARALLEL_MAX_TOKENS = 256
 
 
-def resolve_form(form: str, device: torch.device, seq_len: int, head_dim: int) -> str:
-    """The form ``mlstm`` runs for queries on ``device`` of shape (B, NH, seq_len, head_dim): ``auto``
-    resolved, and ``triton`` as ``tiled`` (the parallel-form kernels) or ``chunkwise_triton``."""
+def resolve_form(form: str, device: torch.device, seq_len: int) -> str:
+    """The form ``mlstm`` runs for seq_len tokens on ``device``: ``auto`` resolved, and ``triton`` as
+    ``tiled`` (the parallel-form kernels) or ``chunkwise_triton``."""
     if form == "auto":
-        if not (device.type == "cuda" and _triton_available()):
-            form = "chunkwise"
-        elif (torch.compiler.is_compiling() and head_dim > COMPILED_PARALLEL_MIN_HEAD_DIM
-              and seq_len <= COMPILED_PARALLEL_MAX_TOKENS):
-            form = "parallel"
-        else:
-            form = "triton"
+        form = "triton" if device.type == "cuda" and _triton_available() else "chunkwise"
     if form == "triton":
         return "tiled" if seq_len <= TILED_MAX_TOKENS else "chunkwise_triton"
     if form not in MLSTM_FORMS:
@@ -182,12 +169,11 @@ def kernel_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def mlstm(q, k, v, igate, fgate, form: str = "parallel", chunk_size: int = 64, eps: float = 1e-6):
-    """Dispatch to one form of the mLSTM cell. ``auto`` uses the fused Triton kernels on CUDA (but the
-    compiled parallel form for wide heads and short sequences, see above) and the chunkwise PyTorch form
-    elsewhere. ``triton`` picks the tiled parallel-form kernel up to
+    """Dispatch to one form of the mLSTM cell. ``auto`` uses the fused Triton kernels on CUDA and the
+    chunkwise PyTorch form elsewhere. ``triton`` picks the tiled parallel-form kernel up to
     ``TILED_MAX_TOKENS`` tokens (it returns h in float32, as it keeps it for its backward pass) and the
     chunkwise kernel beyond."""
-    form = resolve_form(form, q.device, q.shape[2], q.shape[3])
+    form = resolve_form(form, q.device, q.shape[2])
     if form == "parallel":
         return mlstm_parallel(q, k, v, igate, fgate, eps=eps)
     if form == "chunkwise":

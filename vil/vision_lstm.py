@@ -273,7 +273,7 @@ class MLSTMLayer(nn.Module):
         x_mlstm = F.linear(x, w_mlstm, b_mlstm)
         x_conv = F.silu(self._conv(x_mlstm, grid, patch_index))
         outnorm = self.mlstm_cell.outnorm
-        if resolve_form(self.mlstm_form, x.device, N, self.inner // self.num_heads) == "tiled":
+        if resolve_form(self.mlstm_form, x.device, N) == "tiled":
             # The cell's kernels with the head norm, skip and output gate fused around them, on the packed
             # projections (whose gradients they return packed too).
             from vil.kernels.mlstm_gated_triton import mlstm_gated_triton
