@@ -416,12 +416,16 @@ CHUNKED_MIN_HEAD_DIM = 129
 
 def _block_sizes(S: int, DH: int, itemsize: int) -> dict:
     """Tile sizes. Outputs are tiled in the head dim by BV/BD <= 128 (each tile recomputing the scores).
-    Token tiles by the bytes of a padded row: the fastest measured (H100, bf16: ViL-T heads at 196
-    and 1024 tokens, ViL-S and ViL-B heads at 196), and for wider rows small enough for shared memory."""
+    Token tiles by the bytes of a padded row: the fastest measured on an H100 in bf16 at 196 tokens
+    (forward / backward kernel per call: ViL-T heads 139 / 349 us, ViL-S heads 325 / 1000 us, ViL-B
+    heads 345 / 1415 us; ViL-T heads at 1024 tokens 273 / 713 us, where 64-query tiles would take 265 us
+    in the forward), and for float32 rows small enough for shared memory."""
     dhp = max(16, triton.next_power_of_2(DH))
     row_bytes = dhp * itemsize
-    if row_bytes < 512:
-        bm, bn, block, sub = 64, 64, 64, 32
+    if row_bytes < 512:  # ViL-T heads
+        bm, bn, block, sub = 128, 32, 64, 32
+    elif row_bytes == 512 and itemsize == 2:  # ViL-S heads, contracted in chunks
+        bm, bn, block, sub = 128, 32, 64, 16
     elif row_bytes == 512:
         bm, bn, block, sub = 32, 64, 32, 32
     elif itemsize == 2:  # half-precision rows of 1 KiB and more: ViL-B heads, contracted in chunks
