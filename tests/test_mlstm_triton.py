@@ -270,11 +270,11 @@ def make_gated_inputs(B, NH, S, DH, dtype, gates, bias=True, device=DEVICE, seed
     return inputs, grad_inputs, dout
 
 
-def check_gated(B, NH, S, DH, dtype, gates, tol, bias=True, device=DEVICE):
+def check_gated(B, NH, S, DH, dtype, gates, tol, bias=True, device=DEVICE, chunk_size=None):
     from vil.kernels.mlstm_gated_triton import mlstm_gated_triton
 
     inputs, grad_inputs, dout = make_gated_inputs(B, NH, S, DH, dtype, gates, bias=bias, device=device)
-    out = mlstm_gated_triton(*inputs)
+    out = mlstm_gated_triton(*inputs, chunk_size=chunk_size)
     assert out.shape == (B, S, NH * DH) and out.dtype == dtype
     grads = torch.autograd.grad(out, grad_inputs, dout)
     ref = gated_reference(*inputs)
@@ -294,10 +294,12 @@ def check_gated(B, NH, S, DH, dtype, gates, tol, bias=True, device=DEVICE):
 
 
 @runs_here
-@pytest.mark.parametrize("S,DH,bias", [(37, 32, True), (70, 48, False)])
-def test_gated_fp32_matches_reference(S, DH, bias):
-    # The cell fused with head norm, skip and output gate: output and all ten gradients.
-    check_gated(2, 2, S, DH, torch.float32, "wide", 1e-4, bias=bias)
+@pytest.mark.parametrize("S,DH,bias,chunk_size", [(37, 32, True, None), (70, 48, False, None), (70, 48, True, 16)],
+                         ids=["tiled-bias", "tiled", "chunkwise"])
+def test_gated_fp32_matches_reference(S, DH, bias, chunk_size):
+    # The cell (tiled or chunkwise kernels) fused with head norm, skip and output gate: output and all
+    # ten gradients; the chunkwise variant's backward pass takes the forward's states.
+    check_gated(2, 2, S, DH, torch.float32, "wide", 1e-4, bias=bias, chunk_size=chunk_size)
 
 
 @runs_here
@@ -306,6 +308,7 @@ def test_gated_bf16_matches_reference():
     # would round it anyway. Rows with |den| much smaller than sum_j |C_ij| amplify that rounding: with
     # "wide" gates (uniform in [-30, 30]) dq and dk reach 1.5e-2, with normal ones they stay below 1e-2.
     check_gated(1, 2, 70, 32, torch.bfloat16, "normal", 1e-2)
+    check_gated(1, 2, 70, 32, torch.bfloat16, "normal", 1e-2, chunk_size=32)
 
 
 def test_input_validation():
@@ -362,7 +365,8 @@ _TRACE_SCRIPT = textwrap.dedent(
             C = NH * DH
             qk_gates = torch.cat([x[..., : 2 * C], gates, x[..., :12]], -1)
             zv_gates = torch.cat([x[..., C:], gates, x[..., :12]], -1)
-            return mlstm_gated_triton(qk_gates, zv_gates, x[..., :C], *params, NH)
+            return mlstm_gated_triton(qk_gates, zv_gates, x[..., :C], *params, NH,
+                                      chunk_size=int(sys.argv[2]) if len(sys.argv) > 2 else None)
         if sys.argv[1] == "tiled":
             h = mlstm_parallel_triton(q, k, v, igate, fgate)
         else:
@@ -389,6 +393,7 @@ _TRACE_SCRIPT = textwrap.dedent(
         ("chunkwise", ["fw"] * 2 + ["bw"] * 5, ["h_ptr"]),
         ("tiled", ["fw"] * 2 + ["bw"] * 2, ["den_ptr", "h_ptr", "norm_ptr"]),
         ("gated", ["fw"] * 3 + ["bw"] * 3, ["out_ptr"]),  # the cell's launches and the output stage's
+        ("gated 32", ["fw"] * 3 + ["bw"] * 5, ["out_ptr"]),  # the same around the chunkwise kernels
     ],
 )
 def test_torch_compile_traces_forward_and_backward(kernel, launches, h_written):
@@ -398,7 +403,7 @@ def test_torch_compile_traces_forward_and_backward(kernel, launches, h_written):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-c", _TRACE_SCRIPT, kernel], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", _TRACE_SCRIPT, *kernel.split()], capture_output=True, text=True, env=env, timeout=300
     )
     if proc.returncode != 0 and "TargetOnlyDriver" in proc.stderr and "AttributeError" in proc.stderr:
         pytest.skip("this Triton version has no driver hook for tracing without a GPU")
@@ -408,7 +413,7 @@ def test_torch_compile_traces_forward_and_backward(kernel, launches, h_written):
     assert [graph for graph, _ in written] == launches, proc.stdout
     assert written[launches.count("fw") - 1][1] == h_written
     inputs = {"q_ptr", "k_ptr", "v_ptr", "ig_ptr", "fg_ptr"}
-    inputs |= {"x_ptr", "z_ptr", "dout_ptr"} if kernel == "gated" else {"dh_ptr"}  # there dh is computed
+    inputs |= {"x_ptr", "z_ptr", "dout_ptr"} if kernel.startswith("gated") else {"dh_ptr"}  # there dh is computed
     assert not any(inputs & set(names) for _, names in written), proc.stdout
 
 
@@ -501,12 +506,15 @@ def test_gpu_memory_linear_in_tokens(kernel):
     assert large < 4.5 * small, (small, large)
 
 
-GATED_GPU_SHAPES = [(2, 4, 196, 96), (2, 4, 1024, 96), (2, 4, 196, 192), (2, 4, 196, 384)]
+GATED_GPU_SHAPES = [(2, 4, 196, 96, None), (2, 4, 1024, 96, None), (2, 4, 196, 192, None), (2, 4, 196, 384, None),
+                    (1, 4, 4096, 96, 64), (1, 4, 4096, 192, 64)]
 
 
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("B,NH,S,DH", GATED_GPU_SHAPES, ids=[f"{s[2]}x{s[3]}" for s in GATED_GPU_SHAPES])
-def test_gpu_gated_matches_reference(B, NH, S, DH, dtype):
-    check_gated(B, NH, S, DH, dtype, "normal", 1e-2 if dtype == torch.bfloat16 else 1e-4, device="cuda")
+@pytest.mark.parametrize("B,NH,S,DH,chunk_size", GATED_GPU_SHAPES,
+                         ids=[f"{s[2]}x{s[3]}" + ("-chunkwise" if s[4] else "") for s in GATED_GPU_SHAPES])
+def test_gpu_gated_matches_reference(B, NH, S, DH, chunk_size, dtype):
+    check_gated(B, NH, S, DH, dtype, "normal", 1e-2 if dtype == torch.bfloat16 else 1e-4, device="cuda",
+                chunk_size=chunk_size)

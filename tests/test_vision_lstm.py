@@ -1,4 +1,5 @@
 import copy
+import importlib
 
 import pytest
 import torch
@@ -310,21 +311,25 @@ def test_patch_embed_is_the_strided_convolution():
     torch.testing.assert_close(embed(x.contiguous(memory_format=torch.channels_last)), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("norm_bias", [True, False])
-def test_triton_form_matches_parallel_form(norm_bias):
+@pytest.mark.parametrize("norm_bias,cell", [(True, "tiled"), (False, "tiled"), (True, "chunkwise")])
+def test_triton_form_matches_parallel_form(norm_bias, cell, monkeypatch):
     # The Triton path in float32 (packed projections, cell kernels with head norm, skip and output gate
     # fused around them; on a CPU in Triton's interpreter) against the PyTorch parallel form in float64,
-    # outputs and all parameter gradients.
+    # outputs and all parameter gradients. The chunkwise kernels run where sequences are long.
     pytest.importorskip("triton")
-    model = vil.create_model("vil2_nano", **SMALL, norm_bias=norm_bias, mlstm_form="parallel")
+    size = 16
+    if cell == "chunkwise":  # 64 tokens in chunks of 16
+        monkeypatch.setattr(importlib.import_module("vil.mlstm"), "TILED_MAX_TOKENS", 32)
+        size = 32
+    model = vil.create_model("vil2_nano", **(SMALL | dict(img_size=size)), norm_bias=norm_bias, mlstm_form="parallel")
     for p in model.parameters():  # away from the init's zeros, so that every gradient path carries signal
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, size, size)
     reference = copy.deepcopy(model).double()
     runs = {}
     for name, m, form, inputs in (("float64", reference, "parallel", x.double()), ("parallel", model, "parallel", x),
                                   ("triton", model, "triton", x)):
-        m.set_mlstm_form(form)
+        m.set_mlstm_form(form, chunk_size=16)
         out = m(inputs)
         runs[name] = (out, *torch.autograd.grad(out.square().sum(), list(m.parameters())))
     # Against float64: within 1e-5 (output) and 1e-4 (gradients), or 3x the error of the float32 PyTorch

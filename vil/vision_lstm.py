@@ -273,7 +273,8 @@ class MLSTMLayer(nn.Module):
         x_mlstm = F.linear(x, w_mlstm, b_mlstm)
         x_conv = F.silu(self._conv(x_mlstm, grid, patch_index))
         outnorm = self.mlstm_cell.outnorm
-        if resolve_form(self.mlstm_form, x.device, N) == "tiled":
+        form = resolve_form(self.mlstm_form, x.device, N)
+        if form in ("tiled", "chunkwise_triton"):
             # The cell's kernels with the head norm, skip and output gate fused around them, on the packed
             # projections (whose gradients they return packed too).
             from vil.kernels.mlstm_gated_triton import mlstm_gated_triton
@@ -281,7 +282,8 @@ class MLSTMLayer(nn.Module):
             dtype = kernel_dtype(x_conv)
             qk_gates, zv_gates = (t.to(dtype) for t in self._packed_projections(x, x_conv))
             h = mlstm_gated_triton(qk_gates, zv_gates, x_conv.to(dtype), outnorm.weight, outnorm.bias,
-                                   self.learnable_skip, self.num_heads, norm_eps=outnorm.eps)
+                                   self.learnable_skip, self.num_heads, norm_eps=outnorm.eps,
+                                   chunk_size=self.chunk_size if form == "chunkwise_triton" else None)
             return self.proj_down(h)
         if x_conv.is_cuda:
             z, q, k, v, igate, fgate = self._projections_dense(x, x_conv)

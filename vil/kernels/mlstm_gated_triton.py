@@ -28,8 +28,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from vil.kernels.mlstm_parallel_triton import GradDest, _offset, _tile, cell_backward, cell_forward
-from vil.kernels.mlstm_triton import _cast, _check_inputs, _empty_heads_like, _strides3, _strides4
+from vil.kernels.mlstm_parallel_triton import _tile, cell_backward, cell_forward
+from vil.kernels.mlstm_triton import (
+    GradDest, _cast, _check_inputs, _empty_heads_like, _offset, _strides3, _strides4, chunk_backward, chunk_forward,
+)
 
 __all__ = ["mlstm_gated_triton"]
 
@@ -221,47 +223,61 @@ def _unpack(qk_gates: torch.Tensor, zv_gates: torch.Tensor, num_heads: int, C: i
 def _gated_fwd(
     qk_gates: torch.Tensor, zv_gates: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: Optional[torch.Tensor], skip: torch.Tensor, num_heads: int, eps: float, norm_eps: float,
+    chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, z, igate, fgate = _unpack(qk_gates, zv_gates, num_heads, x.shape[-1])
-    h, norm, den, planes, floor = cell_forward(q, k, v, igate, fgate, eps)
+    if chunk_size:
+        # The chunkwise kernels' states are kept too: recomputing them would cost a sequential pass
+        # over the chunks in the backward pass (a seventh of the cell's time at 4096 tokens).
+        h, *cell = chunk_forward(q, k, v, igate, fgate, chunk_size, eps)
+        cell.append(torch.empty(0, device=q.device))
+    else:
+        h, *cell = cell_forward(q, k, v, igate, fgate, eps)
     out = _norm_gate_forward(h, x, z, norm_weight, norm_bias, skip, norm_eps, q.dtype)
-    return out, h, norm, den, planes, floor  # all but out kept for the backward pass
+    return out, h, *cell  # all but out kept for the backward pass
 
 
 @triton_op("vil::mlstm_gated_bwd", mutates_args={})
 def _gated_bwd(
     dout: torch.Tensor, qk_gates: torch.Tensor, zv_gates: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
-    norm: torch.Tensor, den: torch.Tensor, planes: torch.Tensor, floor: torch.Tensor,
+    cell0: torch.Tensor, cell1: torch.Tensor, cell2: torch.Tensor, cell3: torch.Tensor,
     norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], skip: torch.Tensor, num_heads: int,
-    norm_eps: float,
+    eps: float, norm_eps: float, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     C = x.shape[-1]
-    q, k, v, z, _, fgate = _unpack(qk_gates, zv_gates, num_heads, C)
+    q, k, v, z, igate, fgate = _unpack(qk_gates, zv_gates, num_heads, C)
     # The gradients in the packed layouts, each part written in place by the kernels: no concatenation.
     d_qk, d_zv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (qk_gates, zv_gates))
     dq, dk, dv, _ = _features(d_qk, d_zv, num_heads, C)
     dh, dh_dot_h, dx, dw, db, dskip = _norm_gate_backward(dout, h, x, z, norm_weight, norm_bias, skip, norm_eps, q, d_zv)
     dig, _ = _gate_shares(d_qk, num_heads, C)
-    # Both shares of a gate get its gradient; the padding columns get zeros.
-    dest = GradDest(d_qk, dq, dk, d_zv, dv, d_qk, _offset(d_qk, dig), num_heads, dig.stride(),
-                    g_copy=d_zv, g_pad=qk_gates.shape[-1] - 2 * C - 2 * num_heads)
-    cell_backward(dh, dh_dot_h, q, k, v, fgate, norm, den, planes, floor, dest)
+    if chunk_size:
+        dest = GradDest(d_qk, dq, dk, d_zv, dv, d_qk, _offset(d_qk, dig), num_heads, dig.stride())
+        chunk_backward(dh, q, k, v, igate, fgate, chunk_size, eps, dest, states=(cell0, cell1, cell2))
+        # Both shares of a gate get its gradient; the padding columns get zeros.
+        gate_cols = slice(2 * C, 2 * C + 2 * num_heads)
+        d_zv[..., gate_cols].copy_(d_qk[..., gate_cols])
+        d_qk[..., 2 * C + 2 * num_heads :].zero_()
+        d_zv[..., 2 * C + 2 * num_heads :].zero_()
+    else:
+        dest = GradDest(d_qk, dq, dk, d_zv, dv, d_qk, _offset(d_qk, dig), num_heads, dig.stride(),
+                        g_copy=d_zv, g_pad=qk_gates.shape[-1] - 2 * C - 2 * num_heads)
+        cell_backward(dh, dh_dot_h, q, k, v, fgate, cell0, cell1, cell2, cell3, dest)
     return d_qk, d_zv, dx, dw, db, dskip
 
 
 def _setup_context(ctx, inputs, output):
-    qk_gates, zv_gates, x, norm_weight, norm_bias, skip, num_heads, eps, norm_eps = inputs
-    _, h, norm, den, planes, floor = output
-    ctx.num_heads, ctx.norm_eps = num_heads, norm_eps
+    qk_gates, zv_gates, x, norm_weight, norm_bias, skip, num_heads, eps, norm_eps, chunk_size = inputs
+    ctx.num_heads, ctx.eps, ctx.norm_eps, ctx.chunk_size = num_heads, eps, norm_eps, chunk_size
     ctx.has_bias = norm_bias is not None
-    ctx.save_for_backward(qk_gates, zv_gates, x, h, norm, den, planes, floor, norm_weight, norm_bias, skip)
+    ctx.save_for_backward(qk_gates, zv_gates, x, *output[1:], norm_weight, norm_bias, skip)
 
 
 def _backward(ctx, dout, *_):
-    qk_gates, zv_gates, x, h, norm, den, planes, floor, norm_weight, norm_bias, skip = ctx.saved_tensors
-    d_qk, d_zv, dx, dw, db, dskip = _gated_bwd(dout, qk_gates, zv_gates, x, h, norm, den, planes, floor,
-                                               norm_weight, norm_bias, skip, ctx.num_heads, ctx.norm_eps)
-    return d_qk, d_zv, dx, dw, db if ctx.has_bias else None, dskip, None, None, None
+    qk_gates, zv_gates, x, h, *cell, norm_weight, norm_bias, skip = ctx.saved_tensors
+    d_qk, d_zv, dx, dw, db, dskip = _gated_bwd(dout, qk_gates, zv_gates, x, h, *cell, norm_weight, norm_bias,
+                                               skip, ctx.num_heads, ctx.eps, ctx.norm_eps, ctx.chunk_size)
+    return d_qk, d_zv, dx, dw, db if ctx.has_bias else None, dskip, None, None, None, None
 
 
 _gated_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -270,10 +286,12 @@ _gated_fwd.register_autograd(_backward, setup_context=_setup_context)
 def mlstm_gated_triton(
     qk_gates: torch.Tensor, zv_gates: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: torch.Tensor | None, skip: torch.Tensor, num_heads: int, eps: float = 1e-6, norm_eps: float = 1e-5,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``(LayerNorm_DH(h) * (1 + norm_weight) + norm_bias + skip * x) * silu(z)`` for the mLSTM cell's
-    h = mlstm(q, k, v, igate, fgate), in the cell's tiled kernels and one fused pass each way around
-    them; differentiable w.r.t. all tensor inputs.
+    h = mlstm(q, k, v, igate, fgate), in the cell's tiled kernels (the chunkwise kernels with chunks of
+    ``chunk_size`` tokens if given) and one fused pass each way around them; differentiable w.r.t. all
+    tensor inputs.
 
     The cell's inputs come packed as the layer's two projection matmuls give them (C = NH * DH features,
     head-major, C taken from x; then G >= 2 NH gate columns, any padding after the gates):
@@ -305,4 +323,6 @@ def mlstm_gated_triton(
             raise ValueError(f"{name} must have shape {(C,)}, got {tuple(t.shape)}")
     if S == 0:
         return torch.empty(B, 0, C, device=x.device, dtype=qk_gates.dtype)
-    return _gated_fwd(qk_gates, zv_gates, x, norm_weight, norm_bias, skip, num_heads, eps, norm_eps)[0]
+    if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    return _gated_fwd(qk_gates, zv_gates, x, norm_weight, norm_bias, skip, num_heads, eps, norm_eps, chunk_size or 0)[0]

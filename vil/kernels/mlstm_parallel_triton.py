@@ -45,7 +45,6 @@ products (no tf32).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -53,8 +52,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vil.kernels.mlstm_triton import (
-    _autotune_configs, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like, _logsigmoid,
-    _max_combine, _split_hi_lo, _strides4,
+    GradDest, _autotune_configs, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like,
+    _dq_dk, _grad_dest, _logsigmoid, _max_combine, _offset, _split_hi_lo, _strides4,
 )
 
 __all__ = ["mlstm_parallel_triton"]
@@ -454,31 +453,6 @@ def _gate_planes(igate: torch.Tensor, fgate: torch.Tensor) -> tuple[torch.Tensor
     return planes, floor
 
 
-def _offset(base: torch.Tensor, view: torch.Tensor) -> int:
-    # Where a view of base starts, in elements from base's start.
-    return view.storage_offset() - base.storage_offset()
-
-
-class GradDest(NamedTuple):
-    """Where the cell's backward pass writes its gradients: dq and dk into views of one tensor ``qk``, dv
-    into a view of ``v``, and d igate and d fgate into ``g`` at gate * gate_stride + (B, NH, S) strides from
-    ``g_off`` on (and into ``g_copy`` likewise, with ``g_pad`` zeros after them along the head stride;
-    see _gate_grads_kernel). Each kernel gets each tensor once: torch.compile copies tensors that a
-    launch writes through views, and mishandles one tensor passed twice."""
-
-    qk: torch.Tensor
-    dq: torch.Tensor
-    dk: torch.Tensor
-    v: torch.Tensor
-    dv: torch.Tensor
-    g: torch.Tensor
-    g_off: int
-    gate_stride: int
-    g_strides: tuple[int, int, int]
-    g_copy: Optional[torch.Tensor] = None
-    g_pad: int = 0
-
-
 def _gate_grads(rowg, colg, fgate, dest: GradDest) -> None:
     """d igate and d fgate from the row and column sums of the log-decay gradient, into ``dest``."""
     B, NH, S = fgate.shape
@@ -547,18 +521,9 @@ def _mlstm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, NH, S, DH = q.shape
     dh_dot_h = (dh.float() * h).sum(-1).reshape(B * NH, S)
-    # dq and dk token-major in one tensor, the gates' gradients in another; split by the caller.
-    dqk = torch.empty(B, S, 2, NH, DH, device=q.device, dtype=q.dtype)
-    dv = _empty_heads_like(v)
-    dg = torch.empty(2, B, NH, S, device=q.device, dtype=igate.dtype)
-    dest = GradDest(dqk, *_dq_dk(dqk), dv, dv, dg, 0, dg.stride(0), dg.stride()[1:])
+    dest = _grad_dest(q, v, igate.dtype)  # split by the caller
     cell_backward(dh, dh_dot_h, q, k, v, fgate, norm, den, planes, floor, dest)
-    return dqk, dv, dg
-
-
-def _dq_dk(dqk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # dq and dk, (B, NH, S, DH) views of the (B, S, 2, NH, DH) tensor that holds both.
-    return dqk[:, :, 0].transpose(1, 2), dqk[:, :, 1].transpose(1, 2)
+    return dest.qk, dest.v, dest.g
 
 
 def _setup_context(ctx, inputs, output):

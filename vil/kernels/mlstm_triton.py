@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -501,7 +502,7 @@ def _bwd_grads_kernel(
     q_ptr, k_ptr, v_ptr, dh_ptr, ig_ptr,
     gate_ptr, inv_norm_ptr, dden_ptr, row_inter_ptr,
     cst_ptr, nst_ptr, dcst_ptr, dnst_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dig_part_ptr, dlogf_part_ptr,
+    dqk_ptr, dv_ptr, dig_part_ptr, dlogf_part_ptr, dq_off, dk_off, dv_off,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -517,7 +518,8 @@ def _bwd_grads_kernel(
     """dq, dk, dv of DH tile ``pid_t`` for the tokens of chunk ``c``, plus this tile's share of the
     per-token gate gradient sums (tile 0 adds the intra-chunk parts).
 
-    The tile index serves as the k-tile of dq, dk and the v-tile of dv (q, k, v share DH).
+    The tile index serves as the k-tile of dq, dk and the v-tile of dv (q, k, v share DH). dq and dk
+    go into one tensor at element offsets dq_off and dk_off, dv at dv_off (see chunk_backward).
     """
     pid_t = tl.program_id(0)
     c = tl.program_id(1)
@@ -608,16 +610,16 @@ def _bwd_grads_kernel(
         dlogf_part += tl.sum(tl.where(before, g_below, 0.0), 1)
         dlogf_part += tl.sum(tl.where(before, 0.0, row_inter[None, :]), 1)
 
-    dq_base = dq_ptr + i_b * stride_dqb + i_h * stride_dqh
-    dk_base = dk_ptr + i_b * stride_dkb + i_h * stride_dkh
-    dv_base = dv_ptr + i_b * stride_dvb + i_h * stride_dvh
+    dq_base = dqk_ptr + dq_off + i_b * stride_dqb + i_h * stride_dqh
+    dk_base = dqk_ptr + dk_off + i_b * stride_dkb + i_h * stride_dkh
+    dv_base = dv_ptr + dv_off + i_b * stride_dvb + i_h * stride_dvh
     tl.store(
         dq_base + offs_t[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-        _cast(dq, dq_ptr.dtype.element_ty), mask=valid[:, None],
+        _cast(dq, dqk_ptr.dtype.element_ty), mask=valid[:, None],
     )
     tl.store(
         dk_base + offs_t[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-        _cast(dk, dk_ptr.dtype.element_ty), mask=valid[:, None],
+        _cast(dk, dqk_ptr.dtype.element_ty), mask=valid[:, None],
     )
     tl.store(
         dv_base + offs_t[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
@@ -630,14 +632,14 @@ def _bwd_grads_kernel(
 
 @triton.jit
 def _bwd_gates_kernel(
-    fg_ptr, dig_part_ptr, dlogf_part_ptr, dig_ptr, dfg_ptr,
+    fg_ptr, dig_part_ptr, dlogf_part_ptr, dg_ptr, dig_off, dfg_off,
     stride_fb, stride_fh, stride_fs,
     stride_gb, stride_gh, stride_gs,
-    stride_xb, stride_xh, stride_xs,
     NH, S, NT,
     BT: tl.constexpr,
 ):
-    """Sums the per-tile parts; d fgate = d logf * sigmoid(-fgate)."""
+    """Sums the per-tile parts; d fgate = d logf * sigmoid(-fgate). d igate and d fgate go into one
+    tensor at element offsets dig_off and dfg_off, with the same (B, NH, S) strides."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     i_b = (pid_bh // NH).to(tl.int64)
@@ -656,14 +658,9 @@ def _bwd_gates_kernel(
         fg_ptr + i_b * stride_fb + i_h * stride_fh + offs_t * stride_fs, mask=valid, other=0.0
     ).to(tl.float32)
     dfg = dlogf / (1.0 + tl.exp(fg))
-    tl.store(
-        dig_ptr + i_b * stride_gb + i_h * stride_gh + offs_t * stride_gs,
-        _cast(dig, dig_ptr.dtype.element_ty), mask=valid,
-    )
-    tl.store(
-        dfg_ptr + i_b * stride_xb + i_h * stride_xh + offs_t * stride_xs,
-        _cast(dfg, dfg_ptr.dtype.element_ty), mask=valid,
-    )
+    out = i_b * stride_gb + i_h * stride_gh + offs_t * stride_gs
+    tl.store(dg_ptr + dig_off + out, _cast(dig, dg_ptr.dtype.element_ty), mask=valid)
+    tl.store(dg_ptr + dfg_off + out, _cast(dfg, dg_ptr.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -741,11 +738,9 @@ def _check_inputs(q, k, v, igate, fgate) -> None:
         raise ValueError(f"head dim must be a multiple of 16, got {q.shape[3]}")
 
 
-@triton_op("vil::mlstm_chunkwise_fwd", mutates_args={})
-def _mlstm_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
-    chunk_size: int, eps: float,
-) -> torch.Tensor:
+def chunk_forward(q, k, v, igate, fgate, chunk_size: int, eps: float):
+    """The forward kernels: h (B, NH, S, DH) in v's dtype, and the gate planes, chunk-start states and
+    normalizer states (see _launch_states) that chunk_backward can take instead of recomputing them."""
     B, NH, S, DH = q.shape
     L = _chunk_len(chunk_size, S)
     NC = triton.cdiv(S, L)
@@ -761,16 +756,54 @@ def _mlstm_fwd(
         NH, S, NC, 1.0 / math.sqrt(DH), eps,
         DH=DH, L=L, BK=BK, BV=BV, **_dot_config(q.dtype),
     )
-    return h
+    return h, gates, cst, nst
 
 
-@triton_op("vil::mlstm_chunkwise_bwd", mutates_args={})
-def _mlstm_bwd(
-    dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    igate: torch.Tensor, fgate: torch.Tensor, chunk_size: int, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Everything the forward pass computed besides h is recomputed (a small fraction of the work),
-    # so only the inputs are kept for the backward pass.
+def _offset(base: torch.Tensor, view: torch.Tensor) -> int:
+    # Where a view of base starts, in elements from base's start.
+    return view.storage_offset() - base.storage_offset()
+
+
+class GradDest(NamedTuple):
+    """Where a cell's backward pass writes its gradients: dq and dk into views of one tensor ``qk``, dv
+    into a view of ``v``, and d igate and d fgate into ``g`` at gate * gate_stride + (B, NH, S) strides from
+    ``g_off`` on (and into ``g_copy`` likewise, with ``g_pad`` zeros after them along the head stride;
+    see the tiled kernels' _gate_grads_kernel). Each kernel gets each tensor once: torch.compile copies
+    tensors that a launch writes through views, and mishandles one tensor passed twice."""
+
+    qk: torch.Tensor
+    dq: torch.Tensor
+    dk: torch.Tensor
+    v: torch.Tensor
+    dv: torch.Tensor
+    g: torch.Tensor
+    g_off: int
+    gate_stride: int
+    g_strides: tuple[int, int, int]
+    g_copy: Optional[torch.Tensor] = None
+    g_pad: int = 0
+
+
+def _dq_dk(dqk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # dq and dk, (B, NH, S, DH) views of the (B, S, 2, NH, DH) tensor that holds both.
+    return dqk[:, :, 0].transpose(1, 2), dqk[:, :, 1].transpose(1, 2)
+
+
+def _grad_dest(q: torch.Tensor, v: torch.Tensor, gate_dtype: torch.dtype) -> GradDest:
+    """Fresh gradient tensors: dq and dk token-major in one tensor (see _dq_dk), dv laid out like v, both
+    gates in one (2, B, NH, S) tensor (a custom op's outputs may not alias: each is returned whole)."""
+    B, NH, S, DH = q.shape
+    dqk = torch.empty(B, S, 2, NH, DH, device=q.device, dtype=q.dtype)
+    dv = _empty_heads_like(v)
+    dg = torch.empty(2, B, NH, S, device=q.device, dtype=gate_dtype)
+    return GradDest(dqk, *_dq_dk(dqk), dv, dv, dg, 0, dg.stride(0), dg.stride()[1:])
+
+
+def chunk_backward(dh, q, k, v, igate, fgate, chunk_size: int, eps: float, dest: GradDest, states=None) -> None:
+    """The backward kernels: dq, dk, dv and d igate, d fgate, written into ``dest``.
+
+    states: the (gates, cst, nst) of chunk_forward, recomputed when None.
+    """
     B, NH, S, DH = q.shape
     BH = B * NH
     L = _chunk_len(chunk_size, S)
@@ -780,7 +813,7 @@ def _mlstm_bwd(
     scale = 1.0 / math.sqrt(DH)
     dots = _dot_config(q.dtype)
 
-    gates, cst, nst = _launch_states(k, v, igate, fgate, L, state_dtype=torch.float32)
+    gates, cst, nst = states or _launch_states(k, v, igate, fgate, L, state_dtype=torch.float32)
     inv_norm = torch.empty(BH, S, device=q.device, dtype=torch.float32)
     dden = torch.empty_like(inv_norm)
     row_inter = torch.empty_like(inv_norm)
@@ -800,28 +833,45 @@ def _mlstm_bwd(
         DH=DH, L=L, BD=BD, **dots,
     )
 
-    dq, dk, dv = _empty_heads_like(q), _empty_heads_like(k), _empty_heads_like(v)
     dig_part = torch.empty(NT, BH, S, device=q.device, dtype=torch.float32)
     dlogf_part = torch.empty_like(dig_part)
     wrap_triton(_bwd_grads_kernel)[(NT, NC, BH)](
         q, k, v, dh, igate, gates, inv_norm, dden, row_inter, cst, nst, dcst, dnst,
-        dq, dk, dv, dig_part, dlogf_part,
+        dest.qk, dest.v, dig_part, dlogf_part,
+        _offset(dest.qk, dest.dq), _offset(dest.qk, dest.dk), _offset(dest.v, dest.dv),
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(dh), *_strides3(igate),
-        *_strides4(dq), *_strides4(dk), *_strides4(dv),
+        *_strides4(dest.dq), *_strides4(dest.dk), *_strides4(dest.dv),
         NH, S, NC, scale,
         DH=DH, L=L, BD=BD, **dots,
     )
 
-    dig = torch.empty_like(igate)
-    dfg = torch.empty_like(fgate)
     BT = 256
     wrap_triton(_bwd_gates_kernel)[(triton.cdiv(S, BT), BH)](
-        fgate, dig_part, dlogf_part, dig, dfg,
-        *_strides3(fgate), *_strides3(dig), *_strides3(dfg),
+        fgate, dig_part, dlogf_part, dest.g, dest.g_off, dest.g_off + dest.gate_stride,
+        *_strides3(fgate), *dest.g_strides,
         NH, S, NT,
         BT=BT,
     )
-    return dq, dk, dv, dig, dfg
+
+
+@triton_op("vil::mlstm_chunkwise_fwd", mutates_args={})
+def _mlstm_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
+    chunk_size: int, eps: float,
+) -> torch.Tensor:
+    return chunk_forward(q, k, v, igate, fgate, chunk_size, eps)[0]
+
+
+@triton_op("vil::mlstm_chunkwise_bwd", mutates_args={})
+def _mlstm_bwd(
+    dh: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    igate: torch.Tensor, fgate: torch.Tensor, chunk_size: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The states are recomputed (a fraction of the work) so that only the inputs are kept for the
+    # backward pass; the fused layer op (mlstm_gated_triton) keeps them instead.
+    dest = _grad_dest(q, v, torch.promote_types(igate.dtype, fgate.dtype))
+    chunk_backward(dh, q, k, v, igate, fgate, chunk_size, eps, dest)
+    return dest.qk, dest.v, dest.g
 
 
 def _setup_context(ctx, inputs, output):
@@ -833,8 +883,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dh):
     q, k, v, igate, fgate = ctx.saved_tensors
-    dq, dk, dv, dig, dfg = _mlstm_bwd(dh, q, k, v, igate, fgate, ctx.chunk_size, ctx.eps)
-    return dq, dk, dv, dig, dfg, None, None
+    dqk, dv, dg = _mlstm_bwd(dh, q, k, v, igate, fgate, ctx.chunk_size, ctx.eps)
+    return *_dq_dk(dqk), dv, dg[0].to(igate.dtype), dg[1].to(fgate.dtype), None, None
 
 
 _mlstm_fwd.register_autograd(_backward, setup_context=_setup_context)
