@@ -1,6 +1,6 @@
 import math
 
-from experiments import benchmark
+from experiments import benchmark, flops
 
 
 def test_quick_benchmark_prints_ratios(tmp_path, capsys):
@@ -13,3 +13,11 @@ def test_quick_benchmark_prints_ratios(tmp_path, capsys):
         assert math.isfinite(row["vil_over_deit"]) and math.isfinite(row["vil_over_authors"])
     assert (tmp_path / "benchmark.csv").read_text().startswith("size,res,task")
     assert (tmp_path / "benchmark.png").stat().st_size > 5_000
+
+
+def test_flops_table(capsys):
+    (row,) = flops.main(["--sizes", "tiny", "--res", "64"])
+    assert "ViL/DeiT" in capsys.readouterr().out
+    # 16 tokens, where the linear layers dominate: per token and block ViL-T's 192 -> 2 x 384 -> 192
+    # projections (~221k multiply-adds) against DeiT-T's qkv, output and 4x MLP (~442k), 24 blocks against 12.
+    assert 1.05 < row["vil_flops"] / row["deit_flops"] < 1.5

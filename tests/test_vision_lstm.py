@@ -223,6 +223,16 @@ def test_flops_helper():
         assert gmacs[name] == pytest.approx(linear + cell, rel=0.03), name
 
 
+def test_training_flops_count_depthwise_convolutions_as_such():
+    # torch's counter prices the depthwise convolutions' backward pass as dense (x64 channels here, which
+    # would put the step above 5x the forward pass); counted as twice their forward pass, a step stays
+    # below 3x (products with constants and the image need no input gradients).
+    model = vil.create_model("vil2_nano", **SMALL, mlstm_form="chunkwise")
+    forward, train = vil.count_flops(model, 16), vil.count_flops(model, 16, train=True)
+    assert 2.5 * forward < train <= 3 * forward
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("variant", [dict(), dict(traversal="quad", cls_tokens="bilateral")])
 def test_torch_compile_traces_without_graph_breaks(variant):
     model = vil.create_model("vil2_nano", dim=32, depth=2, img_size=16, mlstm_form="chunkwise", **variant)
