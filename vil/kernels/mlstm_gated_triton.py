@@ -251,17 +251,12 @@ def _gated_bwd(
     dq, dk, dv, _ = _features(d_qk, d_zv, num_heads, C)
     dh, dh_dot_h, dx, dw, db, dskip = _norm_gate_backward(dout, h, x, z, norm_weight, norm_bias, skip, norm_eps, q, d_zv)
     dig, _ = _gate_shares(d_qk, num_heads, C)
+    # Both shares of a gate get its gradient; the padding columns get zeros.
+    dest = GradDest(d_qk, dq, dk, d_zv, dv, d_qk, _offset(d_qk, dig), num_heads, dig.stride(),
+                    g_copy=d_zv, g_pad=qk_gates.shape[-1] - 2 * C - 2 * num_heads)
     if chunk_size:
-        dest = GradDest(d_qk, dq, dk, d_zv, dv, d_qk, _offset(d_qk, dig), num_heads, dig.stride())
         chunk_backward(dh, q, k, v, igate, fgate, chunk_size, eps, dest, states=(cell0, cell1, cell2))
-        # Both shares of a gate get its gradient; the padding columns get zeros.
-        gate_cols = slice(2 * C, 2 * C + 2 * num_heads)
-        d_zv[..., gate_cols].copy_(d_qk[..., gate_cols])
-        d_qk[..., 2 * C + 2 * num_heads :].zero_()
-        d_zv[..., 2 * C + 2 * num_heads :].zero_()
     else:
-        dest = GradDest(d_qk, dq, dk, d_zv, dv, d_qk, _offset(d_qk, dig), num_heads, dig.stride(),
-                        g_copy=d_zv, g_pad=qk_gates.shape[-1] - 2 * C - 2 * num_heads)
         cell_backward(dh, dh_dot_h, q, k, v, fgate, cell0, cell1, cell2, cell3, dest)
     return d_qk, d_zv, dx, dw, db, dskip
 

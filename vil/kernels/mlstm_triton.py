@@ -632,14 +632,17 @@ def _bwd_grads_kernel(
 
 @triton.jit
 def _bwd_gates_kernel(
-    fg_ptr, dig_part_ptr, dlogf_part_ptr, dg_ptr, dig_off, dfg_off,
+    fg_ptr, dig_part_ptr, dlogf_part_ptr, dg_ptr, copy_ptr, dg_off,
     stride_fb, stride_fh, stride_fs,
-    stride_gb, stride_gh, stride_gs,
+    stride_gg, stride_gb, stride_gh, stride_gs,
     NH, S, NT,
-    BT: tl.constexpr,
+    BT: tl.constexpr, COPY: tl.constexpr, PAD: tl.constexpr, PADP: tl.constexpr,
 ):
-    """Sums the per-tile parts; d fgate = d logf * sigmoid(-fgate). d igate and d fgate go into one
-    tensor at element offsets dig_off and dfg_off, with the same (B, NH, S) strides."""
+    """Sums the per-tile parts; d fgate = d logf * sigmoid(-fgate).
+
+    Both gates go into one tensor from element dg_off on, at gate * stride_gg + b * stride_gb + ... (and
+    the same places of copy_ptr if COPY); with PAD > 0 the programs of head 0 also write PAD zeros after
+    the forget gates along the head stride (the padding columns of a packed layout)."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     i_b = (pid_bh // NH).to(tl.int64)
@@ -658,9 +661,23 @@ def _bwd_gates_kernel(
         fg_ptr + i_b * stride_fb + i_h * stride_fh + offs_t * stride_fs, mask=valid, other=0.0
     ).to(tl.float32)
     dfg = dlogf / (1.0 + tl.exp(fg))
-    out = i_b * stride_gb + i_h * stride_gh + offs_t * stride_gs
-    tl.store(dg_ptr + dig_off + out, _cast(dig, dg_ptr.dtype.element_ty), mask=valid)
-    tl.store(dg_ptr + dfg_off + out, _cast(dfg, dg_ptr.dtype.element_ty), mask=valid)
+    dig = _cast(dig, dg_ptr.dtype.element_ty)
+    dfg = _cast(dfg, dg_ptr.dtype.element_ty)
+    at = dg_off + i_b * stride_gb + i_h * stride_gh + offs_t * stride_gs
+    tl.store(dg_ptr + at, dig, mask=valid)
+    tl.store(dg_ptr + at + stride_gg, dfg, mask=valid)
+    if COPY:
+        tl.store(copy_ptr + at, dig, mask=valid)
+        tl.store(copy_ptr + at + stride_gg, dfg, mask=valid)
+    if PAD > 0:
+        if i_h == 0:
+            cols = tl.arange(0, PADP)
+            pad = dg_off + i_b * stride_gb + 2 * stride_gg + cols[None, :] * stride_gh + offs_t[:, None] * stride_gs
+            zeros = tl.zeros([BT, PADP], dtype=dg_ptr.dtype.element_ty)
+            pad_ok = valid[:, None] & (cols[None, :] < PAD)
+            tl.store(dg_ptr + pad, zeros, mask=pad_ok)
+            if COPY:
+                tl.store(copy_ptr + pad, zeros, mask=pad_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -768,7 +785,7 @@ class GradDest(NamedTuple):
     """Where a cell's backward pass writes its gradients: dq and dk into views of one tensor ``qk``, dv
     into a view of ``v``, and d igate and d fgate into ``g`` at gate * gate_stride + (B, NH, S) strides from
     ``g_off`` on (and into ``g_copy`` likewise, with ``g_pad`` zeros after them along the head stride;
-    see the tiled kernels' _gate_grads_kernel). Each kernel gets each tensor once: torch.compile copies
+    see _bwd_gates_kernel). Each kernel gets each tensor once: torch.compile copies
     tensors that a launch writes through views, and mishandles one tensor passed twice."""
 
     qk: torch.Tensor
@@ -847,10 +864,10 @@ def chunk_backward(dh, q, k, v, igate, fgate, chunk_size: int, eps: float, dest:
 
     BT = 256
     wrap_triton(_bwd_gates_kernel)[(triton.cdiv(S, BT), BH)](
-        fgate, dig_part, dlogf_part, dest.g, dest.g_off, dest.g_off + dest.gate_stride,
-        *_strides3(fgate), *dest.g_strides,
+        fgate, dig_part, dlogf_part, dest.g, dest.g_copy, dest.g_off,
+        *_strides3(fgate), dest.gate_stride, *dest.g_strides,
         NH, S, NT,
-        BT=BT,
+        BT=BT, COPY=dest.g_copy is not None, PAD=dest.g_pad, PADP=triton.next_power_of_2(max(dest.g_pad, 1)),
     )
 
 
