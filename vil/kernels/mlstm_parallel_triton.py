@@ -53,7 +53,8 @@ from torch.library import triton_op, wrap_triton
 
 from vil.kernels.mlstm_triton import (
     GradDest, _autotune_configs, _cast, _check_inputs, _dot, _dot_config, _dot_split_lhs, _empty_heads_like,
-    _dq_dk, _grad_dest, _logsigmoid, _max_combine, _offset, _split_hi_lo, _strides4,
+    _dq_dk, _grad_dest, _logsigmoid, _max_combine, _offset, _split_hi_lo, _store_gate_grads, _strides4,
+    _zero_gate_padding,
 )
 
 __all__ = ["mlstm_parallel_triton"]
@@ -189,22 +190,10 @@ def _gate_grads_kernel(
         carry += tl.sum(diff, 0)
         fg = tl.load(fg_ptr + i_b * stride_fb + heads[None, :] * stride_fh + offs[:, None] * stride_fs, mask=ok, other=0.0)
         dfg = dlog_f / (1.0 + tl.exp(fg.to(tl.float64)))  # times sigmoid(-fgate)
-        dig = _cast(colg, dg_ptr.dtype.element_ty)
-        dfg = _cast(dfg, dg_ptr.dtype.element_ty)
-        at = dst + offs[:, None] * stride_gs
-        tl.store(dg_ptr + at, dig, mask=ok)
-        tl.store(dg_ptr + at + stride_gg, dfg, mask=ok)
-        if COPY:
-            tl.store(copy_ptr + at, dig, mask=ok)
-            tl.store(copy_ptr + at + stride_gg, dfg, mask=ok)
+        _store_gate_grads(dg_ptr, copy_ptr, dst + offs[:, None] * stride_gs, colg, dfg, ok, stride_gg, COPY)
         if PAD > 0:
-            cols = tl.arange(0, PADP)
-            pad = dg_off + i_b * stride_gb + 2 * stride_gg + cols[None, :] * stride_gh + offs[:, None] * stride_gs
-            zeros = tl.zeros([BLOCK, PADP], dtype=dg_ptr.dtype.element_ty)
-            pad_ok = (offs < S)[:, None] & (cols[None, :] < PAD)
-            tl.store(dg_ptr + pad, zeros, mask=pad_ok)
-            if COPY:
-                tl.store(copy_ptr + pad, zeros, mask=pad_ok)
+            _zero_gate_padding(dg_ptr, copy_ptr, dg_off + i_b * stride_gb + 2 * stride_gg, offs, offs < S,
+                               stride_gh, stride_gs, BLOCK, PAD, PADP, COPY)
 
 
 @triton.autotune(configs=_autotune_configs((4, 8), (2, 3)), key=["S", "DH", "BM", "BN", "BV"])

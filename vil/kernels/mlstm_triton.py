@@ -139,6 +139,33 @@ def _dot_split_lhs(a, b, acc, OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, P
 
 
 @triton.jit
+def _store_gate_grads(dg_ptr, copy_ptr, at, dig, dfg, ok, stride_gg, COPY: tl.constexpr):
+    # d igate at element offsets `at` of dg, d fgate one gate stride further, in dg's dtype (and the same
+    # into copy_ptr if COPY: the second share of a packed layout).
+    dig = _cast(dig, dg_ptr.dtype.element_ty)
+    dfg = _cast(dfg, dg_ptr.dtype.element_ty)
+    tl.store(dg_ptr + at, dig, mask=ok)
+    tl.store(dg_ptr + at + stride_gg, dfg, mask=ok)
+    if COPY:
+        tl.store(copy_ptr + at, dig, mask=ok)
+        tl.store(copy_ptr + at + stride_gg, dfg, mask=ok)
+
+
+@triton.jit
+def _zero_gate_padding(dg_ptr, copy_ptr, start, offs_t, t_ok, stride_gh, stride_gs,
+                       BT: tl.constexpr, PAD: tl.constexpr, PADP: tl.constexpr, COPY: tl.constexpr):
+    # PAD zeros from element `start` on along the head stride, for tokens offs_t: the padding columns
+    # after the gates of a packed layout (and of its copy if COPY).
+    cols = tl.arange(0, PADP)
+    pad = start + cols[None, :] * stride_gh + offs_t[:, None] * stride_gs
+    zeros = tl.zeros([BT, PADP], dtype=dg_ptr.dtype.element_ty)
+    pad_ok = t_ok[:, None] & (cols[None, :] < PAD)
+    tl.store(dg_ptr + pad, zeros, mask=pad_ok)
+    if COPY:
+        tl.store(copy_ptr + pad, zeros, mask=pad_ok)
+
+
+@triton.jit
 def _load_rows(base, offs_t, offs_d, stride_s, stride_d, valid):
     # A (tokens, features) tile of a (S, DH) matrix; rows past the sequence end read as zeros.
     return tl.load(base + offs_t[:, None] * stride_s + offs_d[None, :] * stride_d, mask=valid[:, None], other=0.0)
@@ -661,23 +688,12 @@ def _bwd_gates_kernel(
         fg_ptr + i_b * stride_fb + i_h * stride_fh + offs_t * stride_fs, mask=valid, other=0.0
     ).to(tl.float32)
     dfg = dlogf / (1.0 + tl.exp(fg))
-    dig = _cast(dig, dg_ptr.dtype.element_ty)
-    dfg = _cast(dfg, dg_ptr.dtype.element_ty)
     at = dg_off + i_b * stride_gb + i_h * stride_gh + offs_t * stride_gs
-    tl.store(dg_ptr + at, dig, mask=valid)
-    tl.store(dg_ptr + at + stride_gg, dfg, mask=valid)
-    if COPY:
-        tl.store(copy_ptr + at, dig, mask=valid)
-        tl.store(copy_ptr + at + stride_gg, dfg, mask=valid)
+    _store_gate_grads(dg_ptr, copy_ptr, at, dig, dfg, valid, stride_gg, COPY)
     if PAD > 0:
         if i_h == 0:
-            cols = tl.arange(0, PADP)
-            pad = dg_off + i_b * stride_gb + 2 * stride_gg + cols[None, :] * stride_gh + offs_t[:, None] * stride_gs
-            zeros = tl.zeros([BT, PADP], dtype=dg_ptr.dtype.element_ty)
-            pad_ok = valid[:, None] & (cols[None, :] < PAD)
-            tl.store(dg_ptr + pad, zeros, mask=pad_ok)
-            if COPY:
-                tl.store(copy_ptr + pad, zeros, mask=pad_ok)
+            _zero_gate_padding(dg_ptr, copy_ptr, dg_off + i_b * stride_gb + 2 * stride_gg, offs_t, valid,
+                               stride_gh, stride_gs, BT, PAD, PADP, COPY)
 
 
 # ----------------------------------------------------------------------------------------------------
