@@ -203,6 +203,15 @@ class MLSTMLayer(nn.Module):
         self.learnable_skip = nn.Parameter(torch.ones(inner))
         self.proj_down = nn.Linear(inner, dim, bias=proj_bias)
 
+    def _conv_silu(self, x, grid, patch_index, fused: bool):
+        """silu of the q/k convolution; ``fused``: in one Triton kernel each way where it applies (a 2D
+        convolution over patch tokens only)."""
+        if fused and self.conv_kind == "2d" and patch_index is None and self.conv.kernel_size[0] % 2:
+            from vil.kernels.dwconv_silu_triton import dwconv2d_silu_triton
+
+            return dwconv2d_silu_triton(x, self.conv.weight, self.conv.bias, grid)
+        return F.silu(self._conv(x, grid, patch_index))
+
     def _conv(self, x, grid, patch_index):
         if self.conv_kind == "none":
             return x
@@ -271,9 +280,9 @@ class MLSTMLayer(nn.Module):
         w_mlstm, w_z = self.proj_up.weight.chunk(2)
         b_mlstm, b_z = (None, None) if self.proj_up.bias is None else self.proj_up.bias.chunk(2)
         x_mlstm = F.linear(x, w_mlstm, b_mlstm)
-        x_conv = F.silu(self._conv(x_mlstm, grid, patch_index))
-        outnorm = self.mlstm_cell.outnorm
         form = resolve_form(self.mlstm_form, x.device, N)
+        x_conv = self._conv_silu(x_mlstm, grid, patch_index, fused=form in ("tiled", "chunkwise_triton"))
+        outnorm = self.mlstm_cell.outnorm
         if form in ("tiled", "chunkwise_triton"):
             # The cell's kernels with the head norm, skip and output gate fused around them, on the packed
             # projections (whose gradients they return packed too).
