@@ -39,7 +39,7 @@ _BWD_INPUT_TILES = 4  # token tiles per program of the input-gradient kernel
 
 
 @triton.jit
-def _tap(x_ptr, offs_t, offs_c, b, i, j, t_ok, c_ok, du, dv, H, W, N, stride_b, stride_n, stride_c):
+def _tap(x_ptr, offs_c, b, i, j, t_ok, c_ok, du, dv, H, W, stride_b, stride_n, stride_c):
     # x at grid offset (du, dv) from each token, zero outside the image: (BT, BC) float32.
     ii, jj = i + du, j + dv
     ok = t_ok & (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
@@ -58,15 +58,15 @@ def _tile_coords(pid_t, pid_c, M, N, W, C, BT: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _pre_activation(x_ptr, w_ptr, bias_ptr, offs_t, offs_c, b, i, j, t_ok, c_ok, H, W, N,
+def _pre_activation(x_ptr, w_ptr, bias_ptr, offs_c, b, i, j, t_ok, c_ok, H, W,
                     stride_b, stride_n, stride_c, K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    acc = tl.zeros((offs_t.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    acc = tl.zeros((t_ok.shape[0], offs_c.shape[0]), dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     for u in tl.static_range(K):
         for v in tl.static_range(K):
             w = tl.load(w_ptr + offs_c * (K * K) + u * K + v, mask=c_ok, other=0.0).to(tl.float32)
-            x = _tap(x_ptr, offs_t, offs_c, b, i, j, t_ok, c_ok, u - K // 2, v - K // 2, H, W, N,
+            x = _tap(x_ptr, offs_c, b, i, j, t_ok, c_ok, u - K // 2, v - K // 2, H, W,
                      stride_b, stride_n, stride_c)
             acc += x * w[None, :]
     return acc
@@ -79,7 +79,7 @@ def _fwd_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     offs_t, offs_c, t_ok, c_ok, b, i, j = _tile_coords(tl.program_id(0), tl.program_id(1), M, N, W, C, BT, BC)
-    pre = _pre_activation(x_ptr, w_ptr, bias_ptr, offs_t, offs_c, b, i, j, t_ok, c_ok, H, W, N,
+    pre = _pre_activation(x_ptr, w_ptr, bias_ptr, offs_c, b, i, j, t_ok, c_ok, H, W,
                           stride_xb, stride_xn, stride_xc, K, HAS_BIAS)
     out = pre * tl.sigmoid(pre)
     ptrs = out_ptr + b[:, None] * stride_ob + (offs_t % N)[:, None] * stride_on + offs_c[None, :] * stride_oc
@@ -93,7 +93,7 @@ def _bwd_pre_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     offs_t, offs_c, t_ok, c_ok, b, i, j = _tile_coords(tl.program_id(0), tl.program_id(1), M, N, W, C, BT, BC)
-    pre = _pre_activation(x_ptr, w_ptr, bias_ptr, offs_t, offs_c, b, i, j, t_ok, c_ok, H, W, N,
+    pre = _pre_activation(x_ptr, w_ptr, bias_ptr, offs_c, b, i, j, t_ok, c_ok, H, W,
                           stride_xb, stride_xn, stride_xc, K, HAS_BIAS)
     mask = t_ok[:, None] & c_ok[None, :]
     g = tl.load(dout_ptr + b[:, None] * stride_gb + (offs_t % N)[:, None] * stride_gn + offs_c[None, :] * stride_gc,
@@ -127,7 +127,7 @@ def _bwd_input_kernel(
             for v in tl.static_range(K):
                 # The pre-activation gradient at the token that x fed through tap (u, v): it flows back to
                 # x with weight w[u, v] and into w[u, v] times x.
-                d = _tap(d_ptr, offs_t, offs_c, b, i, j, t_ok, c_ok, K // 2 - u, K // 2 - v, H, W, N,
+                d = _tap(d_ptr, offs_c, b, i, j, t_ok, c_ok, K // 2 - u, K // 2 - v, H, W,
                          N * C, C, 1)
                 w = tl.load(w_ptr + offs_c * (K * K) + u * K + v, mask=c_ok, other=0.0).to(tl.float32)
                 acc += d * w[None, :]
