@@ -18,3 +18,8 @@ def mlstm_reference(q, k, v, igate, fgate, eps=1e-6):
     c = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])) * torch.exp(log_d - m)
     n = torch.maximum(c.sum(-1, keepdim=True).abs(), torch.exp(-m))
     return (c @ v) / (n + eps)
+
+
+def rel_err(out, ref):
+    """Relative error ||out - ref|| / ||ref|| in float64."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()

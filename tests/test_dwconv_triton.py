@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from reference_mlstm import rel_err  # noqa: E402
 from vil.kernels.dwconv_silu_triton import dwconv2d_silu_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,10 +30,6 @@ def reference(x, weight, bias, grid, dout):
     out = F.silu(F.conv2d(image, weight, bias, padding=weight.shape[-1] // 2, groups=C)).flatten(2).transpose(1, 2)
     out.backward(dout.double())
     return out, x.grad, weight.grad, None if bias is None else bias.grad
-
-
-def rel_err(a, b):
-    return ((a.double() - b).norm() / b.norm()).item()
 
 
 def check(B, grid, C, K, dtype, bias, tol, strided=False):

@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from reference_mlstm import rel_err  # noqa: E402
 from vil.kernels import mlstm_triton as _kernel_module  # noqa: E402
 from vil.kernels import mlstm_parallel_triton as _tiled_module  # noqa: E402
 from vil.kernels.mlstm_parallel_triton import mlstm_parallel_triton  # noqa: E402
@@ -65,10 +66,6 @@ def mlstm_reference(q, k, v, igate, fgate, eps=1e-6):
     c = (q @ k.transpose(-2, -1)) / math.sqrt(DH) * torch.exp(log_d - m)
     norm = torch.maximum(c.sum(-1, keepdim=True).abs(), torch.exp(-m)) + eps
     return (c @ v) / norm
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_inputs(B, NH, S, DH, gates, dtype=torch.float32, gate_dtype=torch.float32, seed=0, device=DEVICE):
