@@ -5,16 +5,13 @@ import pytest
 import torch
 
 import vil
+from reference_mlstm import rel_err
 from vil.checkpoint import CheckpointError
 from vil.vision_lstm import (
     TRAVERSALS, BlockDiagonalLinear, MLSTMLayer, PatchEmbed, from_traversal, to_traversal, traversal_order,
 )
 
 SMALL = dict(dim=32, depth=2, patch_size=4, img_size=16, num_classes=5)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("name, count", [("vil2_tiny", 6_391_528), ("vil2_small", 23_398_696), ("vil2_base", 89_263_528)])
@@ -44,10 +41,10 @@ def test_authors_checkpoint_reproduces_their_outputs(reference_dir, form):
     with torch.no_grad():
         for key in ("32x32", "48x40"):
             x = expected["inputs"][key]
-            assert rel(model(x), expected["logits"][key]) < 1e-4
-            assert rel(model.forward_feature_maps(x), expected["features"][key]) < 1e-4
+            assert rel_err(model(x), expected["logits"][key]) < 1e-4
+            assert rel_err(model.forward_feature_maps(x), expected["features"][key]) < 1e-4
             # in float64 the match is exact up to the pos-embed resize's float32 rounding
-            assert rel(model.double()(x.double()), expected["logits"][key]) < 1e-6
+            assert rel_err(model.double()(x.double()), expected["logits"][key]) < 1e-6
             model.float()
 
 
@@ -57,7 +54,7 @@ def test_checkpoint_at_another_resolution_resizes_pos_embed(reference_dir):
                              checkpoint=str(reference_dir / "vil2_mini_raw.pt")).eval()
     assert model.pos_embed.embed.shape == (1, 12, 10, 64)
     with torch.no_grad():
-        assert rel(model(expected["inputs"]["48x40"]), expected["logits"]["48x40"]) < 1e-4
+        assert rel_err(model(expected["inputs"]["48x40"]), expected["logits"]["48x40"]) < 1e-4
 
 
 def test_checkpoint_of_another_size_is_a_clear_error(reference_dir):
@@ -162,7 +159,7 @@ def test_flipping_is_exact():
     with torch.no_grad():
         fa = a.forward_features(x.flip(-1, -2))
         fb = b.forward_features(x)
-    assert rel(fa, fb.flip(1)) < 1e-12
+    assert rel_err(fa, fb.flip(1)) < 1e-12
 
 
 @pytest.mark.parametrize("variant", [
@@ -346,8 +343,8 @@ def test_triton_form_matches_parallel_form(norm_bias, cell, monkeypatch):
     # forms where float32 rounding alone comes near that (sums of many cancelling terms).
     names = ["output"] + [name for name, _ in model.named_parameters()]
     for i, name in enumerate(names):
-        floor = rel(runs["parallel"][i], runs["float64"][i])
-        assert rel(runs["triton"][i], runs["float64"][i]) < max(1e-5 if i == 0 else 1e-4, 3 * floor), name
+        floor = rel_err(runs["parallel"][i], runs["float64"][i])
+        assert rel_err(runs["triton"][i], runs["float64"][i]) < max(1e-5 if i == 0 else 1e-4, 3 * floor), name
 
 
 @pytest.mark.gpu
