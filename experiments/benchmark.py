@@ -173,10 +173,17 @@ def print_table(table):
             f"{'authors':>9s} {'ViL/auth':>8s} {'quad/bi':>7s} {'ViL GiB':>8s} {'DeiT GiB':>8s}")
     print(head)
     print("-" * len(head))
+
+    def cell(value, width, spec, suffix=""):  # a kind left out of the run shows as "-", not "nan"
+        text = "-" if math.isnan(value) else f"{value:{spec}}{suffix}"
+        return f"{text:>{width}s}"
+
     for r in table:
-        print(f"{r['size']:5s} {r['res']:5d} {r['task']:5s} {r['vil_img_s']:10.1f} {r['deit_img_s']:10.1f} "
-              f"{r['vil_over_deit']:7.2f}x {r['authors_img_s']:9.1f} {r['vil_over_authors']:7.2f}x "
-              f"{r['quad_over_bi']:6.2f}x {r['vil_peak_gib']:8.2f} {r['deit_peak_gib']:8.2f}")
+        print(f"{r['size']:5s} {r['res']:5d} {r['task']:5s} {cell(r['vil_img_s'], 10, '.1f')} "
+              f"{cell(r['deit_img_s'], 10, '.1f')} {cell(r['vil_over_deit'], 8, '.2f', 'x')} "
+              f"{cell(r['authors_img_s'], 9, '.1f')} {cell(r['vil_over_authors'], 8, '.2f', 'x')} "
+              f"{cell(r['quad_over_bi'], 7, '.2f', 'x')} {cell(r['vil_peak_gib'], 8, '.2f')} "
+              f"{cell(r['deit_peak_gib'], 8, '.2f')}")
 
 
 def write_outputs(rows, table, out_dir):

@@ -21,3 +21,13 @@ def test_flops_table(capsys):
     # 16 tokens, where the linear layers dominate: per token and block ViL-T's 192 -> 2 x 384 -> 192
     # projections (~221k multiply-adds) against DeiT-T's qkv, output and 4x MLP (~442k), 24 blocks against 12.
     assert 1.05 < row["vil_flops"] / row["deit_flops"] < 1.5
+
+
+def test_table_shows_kinds_left_out_as_dashes(capsys):
+    nan = float("nan")
+    benchmark.print_table([dict(size="tiny", res=224, task="train", vil_img_s=5424.7, deit_img_s=nan,
+                                vil_over_deit=nan, authors_img_s=3183.0, vil_over_authors=1.704, quad_over_bi=nan,
+                                vil_peak_gib=9.97, deit_peak_gib=nan)])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert "nan" not in row
+    assert row.split() == ["tiny", "224", "train", "5424.7", "-", "-", "3183.0", "1.70x", "-", "9.97", "-"]
