@@ -230,7 +230,7 @@ class MLSTMLayer(nn.Module):
         out = x * center + self.conv.bias
         return out.index_copy(1, patch_index, y)
 
-    def _packed_projections(self, x, x_conv):
+    def _packed_projections(self, x, x_conv, fused_qk: bool = False):
         """z, q, k, v and the gate pre-activations in two dense matmuls (the GPU path), from the layer's
         input x and the convolved x_conv: (B, N, 2 inner + G) each, ``q | k | gate shares | padding``
         from x_conv and ``z | v | gate shares | padding`` from x, the gates being the sums of their two
@@ -244,6 +244,9 @@ class MLSTMLayer(nn.Module):
         stay 16-aligned, which the fast matmul kernels need, and rows wider than 1024 are 64-aligned (128
         bytes in half precision): torch.compile pads wider intermediate buffers to that alignment and
         would then copy them for the kernels, which take the unpadded layout they were traced with.
+
+        ``fused_qk``: the x_conv half from Triton kernels that work on the q/k blocks themselves (see
+        vil.kernels.packed_qk_triton); the same layout.
         """
         inner, nh = self.inner, self.num_heads
         pad = -(2 * inner + 2 * nh) % (64 if 2 * inner + 2 * nh > 1024 else 16)
@@ -253,16 +256,23 @@ class MLSTMLayer(nn.Module):
         gq, gk, gv = gate_w.split(inner, dim=1)  # (2 NH + pad, inner) each
         w_mlstm, w_z = self.proj_up.weight.chunk(2)
         w_v = torch.cat([wv, gv @ wv])  # v and its gate share, from x_mlstm
-        w_conv = torch.cat([wq, wk, gq @ wq + gk @ wk])
+        w_gates = gq @ wq + gk @ wk
         w_x = torch.cat([w_z, w_v @ w_mlstm])
-        if self.q_proj.bias is None:
-            b_conv, b_x = F.pad(gate_b, (2 * inner, 0)), None
+        bq, bk = self.q_proj.bias, self.k_proj.bias
+        if bq is None:
+            b_gates, b_x = gate_b, None
         else:
-            bq, bk, bv = self.q_proj.bias, self.k_proj.bias, self.v_proj.bias
+            bv = self.v_proj.bias
             b_mlstm, b_z = self.proj_up.bias.chunk(2)
-            b_conv = torch.cat([bq, bk, gq @ bq + gk @ bk + gate_b])
+            b_gates = gq @ bq + gk @ bk + gate_b
             b_x = torch.cat([b_z, w_v @ b_mlstm + torch.cat([bv, gv @ bv])])
-        return F.linear(x_conv, w_conv, b_conv), F.linear(x, w_x, b_x)
+        zv_gates = F.linear(x, w_x, b_x)
+        if fused_qk:
+            from vil.kernels.packed_qk_triton import packed_qk_triton
+
+            return packed_qk_triton(x_conv, self.q_proj.weight, bq, self.k_proj.weight, bk, w_gates, b_gates), zv_gates
+        b_conv = F.pad(b_gates, (2 * inner, 0)) if bq is None else torch.cat([bq, bk, b_gates])
+        return F.linear(x_conv, torch.cat([wq, wk, w_gates]), b_conv), zv_gates
 
     def _projections_dense(self, x, x_conv):
         """z, q, k, v, igate, fgate (B, N, NH) of the packed projections."""
@@ -287,9 +297,11 @@ class MLSTMLayer(nn.Module):
             # The cell's kernels with the head norm, skip and output gate fused around them, on the packed
             # projections (whose gradients they return packed too).
             from vil.kernels.mlstm_gated_triton import mlstm_gated_triton
+            from vil.kernels.packed_qk_triton import packed_qk_supported
 
             dtype = kernel_dtype(x_conv)
-            qk_gates, zv_gates = (t.to(dtype) for t in self._packed_projections(x, x_conv))
+            fused_qk = packed_qk_supported(self.inner, self.q_proj.block_size)
+            qk_gates, zv_gates = (t.to(dtype) for t in self._packed_projections(x, x_conv.to(dtype), fused_qk))
             h = mlstm_gated_triton(qk_gates, zv_gates, x_conv.to(dtype), outnorm.weight, outnorm.bias,
                                    self.learnable_skip, self.num_heads, norm_eps=outnorm.eps,
                                    chunk_size=self.chunk_size if form == "chunkwise_triton" else None)
