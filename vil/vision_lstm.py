@@ -129,8 +129,10 @@ class BlockDiagonalLinear(nn.Module):
         """The (dim, dim) weight with zeros off the diagonal blocks.
 
         On GPUs a dense matmul with it does dim / block_size times the arithmetic of the blocks, yet runs
-        far faster than the alternatives: batched 4x4 matmuls leave tensor cores idle, and a broadcast
-        multiply-and-sum makes the weight gradient a reduction over all tokens that compiles badly.
+        far faster than the PyTorch alternatives: batched 4x4 matmuls leave tensor cores idle, and a
+        broadcast multiply-and-sum makes the weight gradient a reduction over all tokens that compiles
+        badly. The layer's Triton path computes q and k with kernels of their own instead
+        (vil.kernels.packed_qk_triton); v's weight is folded into the up-projection.
         """
         nb, bs, _ = self.weight.shape
         eye = torch.eye(nb, device=self.weight.device, dtype=self.weight.dtype)

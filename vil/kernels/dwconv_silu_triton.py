@@ -11,12 +11,12 @@ at 224 (H100, bf16, batch 256) about 6.6 ms of GPU time. These kernels take abou
 0.8 ms for adding the output's two gradients (q/k projections and skip), which torch.compile otherwise
 fuses into the SiLU backward; and the pre-activation is not stored (0.8 GiB less at that batch):
 
-    _fwd_kernel        (B*N/BT, C/BC)  out; the pre-activation is not kept.
-    _bwd_pre_kernel    (B*N/BT, C/BC)  recomputes the pre-activation and writes its gradient
-                                       d = dout * silu'(pre) in dout's dtype.
-    _bwd_input_kernel  (B*N/BT, C/BC)  dx, the convolution of d with the flipped kernel, and from the
-                                       same loads of d per-program partial sums of the weight and
-                                       bias gradients (summed outside).
+    _dwconv_fwd_kernel        (B*N/BT, C/BC)  out; the pre-activation is not kept.
+    _dwconv_bwd_pre_kernel    (B*N/BT, C/BC)  recomputes the pre-activation and writes its gradient
+                                              d = dout * silu'(pre) in dout's dtype.
+    _dwconv_bwd_input_kernel  (B*N/BT, C/BC)  dx, the convolution of d with the flipped kernel, and from
+                                              the same loads of d per-program partial sums of the weight
+                                              and bias gradients (summed outside).
 
 Accumulation is in float32; weights are read in their own dtype (float32 under autocast).
 """
@@ -73,7 +73,7 @@ def _pre_activation(x_ptr, w_ptr, bias_ptr, offs_c, b, i, j, t_ok, c_ok, H, W,
 
 
 @triton.jit
-def _fwd_kernel(
+def _dwconv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, M, N, H, W, C,
     stride_xb, stride_xn, stride_xc, stride_ob, stride_on, stride_oc,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
@@ -87,7 +87,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_pre_kernel(
+def _dwconv_bwd_pre_kernel(
     dout_ptr, x_ptr, w_ptr, bias_ptr, d_ptr, M, N, H, W, C,
     stride_gb, stride_gn, stride_gc, stride_xb, stride_xn, stride_xc,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
@@ -105,7 +105,7 @@ def _bwd_pre_kernel(
 
 
 @triton.jit
-def _bwd_input_kernel(
+def _dwconv_bwd_input_kernel(
     d_ptr, x_ptr, w_ptr, dx_ptr, partial_ptr, M, N, H, W, C,
     stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
     K: tl.constexpr, TAPS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr,
@@ -152,7 +152,7 @@ def _dwconv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     B, N, C = x.shape
     K = weight.shape[-1]
     out = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
-    _launch(_fwd_kernel, "fwd", B * N, C, x, weight, weight if bias is None else bias, out, B * N, N, H, W, C,
+    _launch(_dwconv_fwd_kernel, "fwd", B * N, C, x, weight, weight if bias is None else bias, out, B * N, N, H, W, C,
             *x.stride(), *out.stride(), K=K, HAS_BIAS=bias is not None)
     return out
 
@@ -164,13 +164,13 @@ def _dwconv_bwd(
     B, N, C = x.shape
     K = weight.shape[-1]
     d = torch.empty(B, N, C, device=x.device, dtype=dout.dtype)
-    _launch(_bwd_pre_kernel, "bwd_pre", B * N, C, dout, x, weight, weight if bias is None else bias, d,
+    _launch(_dwconv_bwd_pre_kernel, "bwd_pre", B * N, C, dout, x, weight, weight if bias is None else bias, d,
             B * N, N, H, W, C, *dout.stride(), *x.stride(), K=K, HAS_BIAS=bias is not None)
     dx = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
     bt = _CONFIGS["bwd_input"][0]
     tiles = min(_BWD_INPUT_TILES, triton.cdiv(B * N, bt))
     partials = torch.empty(triton.cdiv(B * N, bt * tiles), K * K + 1, C, device=x.device, dtype=torch.float32)
-    _launch(_bwd_input_kernel, "bwd_input", B * N, C, d, x, weight, dx, partials, B * N, N, H, W, C,
+    _launch(_dwconv_bwd_input_kernel, "bwd_input", B * N, C, d, x, weight, dx, partials, B * N, N, H, W, C,
             *x.stride(), *dx.stride(), K=K, TAPS=triton.next_power_of_2(K * K + 1), TILES=tiles, tiles=tiles)
     sums = partials.sum(0)
     dw = sums[: K * K].t().reshape(weight.shape).to(weight.dtype)
