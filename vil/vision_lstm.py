@@ -302,9 +302,10 @@ class MLSTMLayer(nn.Module):
             from vil.kernels.packed_qk_triton import packed_qk_supported
 
             dtype = kernel_dtype(x_conv)
+            x_conv = x_conv.to(dtype)
             fused_qk = packed_qk_supported(self.inner, self.q_proj.block_size)
-            qk_gates, zv_gates = (t.to(dtype) for t in self._packed_projections(x, x_conv.to(dtype), fused_qk))
-            h = mlstm_gated_triton(qk_gates, zv_gates, x_conv.to(dtype), outnorm.weight, outnorm.bias,
+            qk_gates, zv_gates = (t.to(dtype) for t in self._packed_projections(x, x_conv, fused_qk))
+            h = mlstm_gated_triton(qk_gates, zv_gates, x_conv, outnorm.weight, outnorm.bias,
                                    self.learnable_skip, self.num_heads, norm_eps=outnorm.eps,
                                    chunk_size=self.chunk_size if form == "chunkwise_triton" else None)
             return self.proj_down(h)

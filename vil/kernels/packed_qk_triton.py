@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from vil.kernels.mlstm_triton import _dot, _dot_config
+from vil.kernels.mlstm_triton import _dot, _dot_config, _pow2_block
 
 __all__ = ["packed_qk_triton", "packed_qk_supported"]
 
@@ -43,15 +43,22 @@ _BWD_TILES = 8
 
 
 @triton.jit
-def _block_tile(w_ptr, c0, BS: tl.constexpr, BC: tl.constexpr, TRANSPOSE: tl.constexpr):
-    # The diagonal BC x BC tile at channel c0 of the block-diagonal weight stored as (C / BS, BS, BS)
-    # blocks: W[o, i] = w[(c0 + o) // BS, (c0 + o) % BS, i % BS] inside a block, zero outside.
-    # TRANSPOSE gives it as (in, out).
+def _block_offsets(c0, BS: tl.constexpr, BC: tl.constexpr, TRANSPOSE: tl.constexpr):
+    # Offsets and mask of the diagonal BC x BC tile at channel c0 of a block-diagonal weight stored as
+    # (C / BS, BS, BS) blocks: W[o, i] = w[(c0 + o) // BS, (c0 + o) % BS, i % BS] inside a block, nothing
+    # outside. (out, in); TRANSPOSE: (in, out).
     o = tl.arange(0, BC)[:, None]
     i = tl.arange(0, BC)[None, :]
     if TRANSPOSE:
         o, i = i, o
-    return tl.load(w_ptr + (c0 + o) * BS + i % BS, mask=(o // BS) == (i // BS), other=0.0)
+    return (c0 + o) * BS + i % BS, (o // BS) == (i // BS)
+
+
+@triton.jit
+def _block_tile(w_ptr, c0, BS: tl.constexpr, BC: tl.constexpr, TRANSPOSE: tl.constexpr):
+    # The tile of _block_offsets, zero outside the blocks.
+    offs, inside = _block_offsets(c0, BS, BC, TRANSPOSE)
+    return tl.load(w_ptr + offs, mask=inside, other=0.0)
 
 
 @triton.jit
@@ -128,21 +135,15 @@ def _packed_qk_bwd_kernel(
         dbk += tl.sum(dk.to(tl.float32), 0)
         dbg += tl.sum(dg.to(tl.float32), 0)
     # Of the dense tiles' gradients only the diagonal blocks are the weights'.
-    o = tl.arange(0, BC)[:, None]
-    i = tl.arange(0, BC)[None, :]
     p = pid_t.to(tl.int64)
-    blocks = pw_ptr + p * 2 * C * BS + (c0 + o) * BS + i % BS
-    tl.store(blocks, dwq, mask=(o // BS) == (i // BS))
-    tl.store(blocks + C * BS, dwk, mask=(o // BS) == (i // BS))
+    offs, inside = _block_offsets(c0, BS, BC, False)
+    blocks = pw_ptr + p * 2 * C * BS + offs
+    tl.store(blocks, dwq, mask=inside)
+    tl.store(blocks + C * BS, dwk, mask=inside)
     tl.store(pb_ptr + p * 2 * C + offs_c, dbq)
     tl.store(pb_ptr + p * 2 * C + C + offs_c, dbk)
     tl.store(pwg_ptr + p * G * C + offs_g[:, None] * C + offs_c[None, :], dwg, mask=g_ok[:, None])
     tl.store(pbg_ptr + p * G + offs_g, dbg, mask=g_ok & (pid_c == 0))
-
-
-def _channel_tile(C: int, cap: int) -> int:
-    # The largest power of two dividing C, at most cap (C is a multiple of 16).
-    return min(cap, C & -C)
 
 
 @triton_op("vil::packed_qk_fwd", mutates_args={})
@@ -157,7 +158,7 @@ def _packed_qk_fwd(
     wrap_triton(_packed_qk_fwd_kernel)[(triton.cdiv(M, bt),)](
         x, wq, wq if bq is None else bq, wk, wk if bk is None else bk, wg, wg if bg is None else bg, out,
         M, C, G, x.stride(0), out.stride(0), HAS_QK_BIAS=bq is not None, HAS_G_BIAS=bg is not None,
-        BS=wq.shape[-1], BT=bt, BC=_channel_tile(C, cap), BG=max(16, triton.next_power_of_2(G)),
+        BS=wq.shape[-1], BT=bt, BC=_pow2_block(C, cap), BG=max(16, triton.next_power_of_2(G)),
         num_warps=warps, **_dot_config(x.dtype),
     )
     return out
@@ -177,7 +178,7 @@ def _packed_qk_bwd(
     pb = torch.empty(P, 2, C, device=x.device, dtype=torch.float32)
     pwg = torch.empty(P, G, C, device=x.device, dtype=torch.float32)
     pbg = torch.empty(P, G, device=x.device, dtype=torch.float32)
-    bc = _channel_tile(C, cap)
+    bc = _pow2_block(C, cap)
     wrap_triton(_packed_qk_bwd_kernel)[(P, C // bc)](
         d, x, wq, wk, wg, dx, pw, pb, pwg, pbg, M, C, G, d.stride(0), x.stride(0), dx.stride(0),
         BS=BS, BT=bt, BC=bc, BG=max(16, triton.next_power_of_2(G)), TILES=tiles,
