@@ -3,13 +3,13 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vil
 from reference_mlstm import rel_err
 from vil.checkpoint import CheckpointError
-from vil.vision_lstm import (
-    TRAVERSALS, BlockDiagonalLinear, MLSTMLayer, PatchEmbed, from_traversal, to_traversal, traversal_order,
-)
+from vil.layers import BlockDiagonalLinear, PatchEmbed
+from vil.vision_lstm import TRAVERSALS, MLSTMLayer, from_traversal, to_traversal, traversal_order
 
 SMALL = dict(dim=32, depth=2, patch_size=4, img_size=16, num_classes=5)
 
@@ -107,6 +107,47 @@ def test_bad_inputs_are_clear_errors():
         vil.create_model("vil2_nano", traversal="diagonal")
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_classes=-3), ValueError, r"num_classes must be an integer >= 0.*got -3"),
+    (dict(drop_path_rate=1.5), ValueError, r"drop_path_rate must be in \[0, 1\).*got 1.5"),
+    (dict(drop_path_rate=-0.5), ValueError, r"drop_path_rate must be in \[0, 1\).*got -0.5"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive integer, got 0"),
+    (dict(depth=0), ValueError, "depth must be a positive integer, got 0"),
+    (dict(mlstm_form="fast"), ValueError, "unknown mlstm_form 'fast'"),
+])
+def test_bad_model_arguments_are_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        vil.create_model("vil2_nano", **kwargs)
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(48), ValueError, r"expected images of shape \(B, 3, H, W\), got \(48,\)"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), TypeError, "images are torch.uint8; the model takes float images"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.float64), TypeError,
+     r"images are torch.float64 but the model's weights are torch.float32"),
+    (torch.zeros(0, 3, 16, 16), ValueError, r"empty batch: got images of shape \(0, 3, 16, 16\)"),
+])
+def test_bad_images_are_clear_errors(x, error, match):
+    model = vil.create_model("vil2_nano", **SMALL)
+    for call in (model, model.forward_features, lambda t: model.forward_intermediates(t, indices=[0])):
+        with pytest.raises(error, match=match):
+            call(x)
+
+
+def test_triton_form_on_the_cpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = vil.create_model("vil2_nano", **SMALL, mlstm_form="triton")
+    with pytest.raises(RuntimeError, match="mlstm_form='triton' runs GPU kernels, but the input is on cpu: use 'auto'"):
+        model(torch.randn(1, 3, 16, 16))
+
+
+def test_text_file_as_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("these are not weights\n" * 10)
+    with pytest.raises(CheckpointError, match=r"notes.txt is not a (readable )?torch checkpoint"):
+        vil.create_model("vil2_nano", checkpoint=str(path))
+
+
 def _token_jacobian_mask(model, grid):
     """[t, s]: does output token t depend on input patch s (autograd through the whole model)?"""
     p = model.patch_size
@@ -177,10 +218,10 @@ def test_ablation_variants_run_at_any_size(variant):
     model.train()
     for hw in ((16, 16), (24, 12)):
         out = model(torch.randn(2, 3, *hw))
-        assert out.shape == (2, kwargs["num_classes"] or model.head_in)
+        assert out.shape == (2, kwargs["num_classes"] or model.head_hidden_size)
         assert torch.isfinite(out).all()
         out.sum().backward()
-    maps = model.forward_intermediates(torch.randn(2, 3, 24, 12), indices=[0, 3])
+    maps = model.forward_intermediates(torch.randn(2, 3, 24, 12), indices=[0, -1], intermediates_only=True)
     assert [m.shape for m in maps] == [(2, 32, 6, 3)] * 2
 
 
@@ -193,26 +234,38 @@ def test_linear_drop_path_schedule():
 
 
 def test_conv2d_uses_the_grid_of_the_actual_input():
-    # A non-square input must give the same per-token result as running the same tokens on their true grid:
-    # compare against the model evaluated on a 2x wider image cropped back (tokens differ if the grid is wrong).
+    # On a non-square grid the q/k convolution must see each token's true neighbours: the layer's convolution
+    # equals F.conv2d on the (B, C, H, W) image of the tokens (on the transposed grid the values differ).
+    layer = MLSTMLayer(dim=8, num_heads=2, conv_kind="2d").double()
+    H, W = 3, 5
+    x = torch.randn(2, H * W, layer.inner, dtype=torch.float64)
+    image = x.transpose(1, 2).reshape(2, layer.inner, H, W)
+    expected = F.conv2d(image, layer.conv.weight, layer.conv.bias, padding=1, groups=layer.inner)
+    assert rel_err(layer._conv(x, (H, W), None), expected.flatten(2).transpose(1, 2)) < 1e-12
+    # In the model, on a 2 x 6 token grid: after the first (causal, row-wise from the top left) block, token
+    # (0, 0) depends on its own patch and, through the convolution, on its grid neighbours (0, 1), (1, 0) and
+    # (1, 1) only; on a transposed 6 x 2 grid its neighbours would be the patches 1, 2 and 3.
     model = vil.create_model("vil2_nano", **SMALL).double().eval()
-    x = torch.randn(1, 3, 8, 24, dtype=torch.float64)
-    maps = model.forward_intermediates(x, indices=[0])[0]  # after the first (top-left) block
-    # The first block's conv2d output at token (0, 0) sees tokens (0,0),(0,1),(1,0),(1,1) only; changing
-    # token (1, 0) of the true grid must change it, changing token (0, 2) must not change the conv part.
-    assert maps.shape == (1, 32, 2, 6)
+    img = torch.randn(1, 3, 8, 24, dtype=torch.float64, requires_grad=True)
+    (first,) = model.forward_intermediates(img, indices=[0], intermediates_only=True)
+    (grad,) = torch.autograd.grad(first[0, :, 0, 0] @ torch.randn(first.shape[1], dtype=torch.float64), img)
+    per_patch = grad[0].abs().sum(0).view(2, 4, 6, 4).sum((1, 3)) > 0
+    expected_mask = torch.zeros(2, 6, dtype=torch.bool)
+    expected_mask[:2, :2] = True
+    assert torch.equal(per_patch, expected_mask)
 
 
 def test_intermediates_for_segmentation():
     model = vil.create_model("vil2_tiny", img_size=64, num_classes=0)
-    maps = model.forward_intermediates(torch.randn(1, 3, 64, 96), indices=[7, 11, 15, 23])
+    maps = model.forward_intermediates(torch.randn(1, 3, 64, 96), indices=[7, 11, 15, 23], intermediates_only=True)
     assert [tuple(m.shape) for m in maps] == [(1, 192, 4, 6)] * 4
     tokens = model.forward_features(torch.randn(1, 3, 64, 96))
     assert tokens.shape == (1, 24, 192)
 
 
 def test_flops_helper():
-    gmacs = {n: vil.count_flops(vil.create_model(n), 224) / 2e9 for n in ("vil2_tiny", "vil2_small", "vil2_base")}
+    gmacs = {n: vil.count_flops(vil.create_model(n, mlstm_form="parallel"), 224) / 2e9
+             for n in ("vil2_tiny", "vil2_small", "vil2_base")}
     # Linear layers alone give 1.11 / 4.23 / 16.7 GMACs; the parallel cell adds 2 * 24 * 196^2 * 2 * dim MACs
     # (the paper's 1.3 / 4.7 / 17.9 count only the causal half of a chunkwise cell).
     for name, linear, dim in (("vil2_tiny", 1.11, 192), ("vil2_small", 4.23, 384), ("vil2_base", 16.7, 768)):

@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from vil.vision_lstm import VisionLSTM, resize_pos_embed
+from vil.layers import resize_pos_embed
 
 _FLAT_BLOCK = re.compile(r"^blocks\.(\d+)\.(norm|layer)\.")
 
@@ -29,30 +29,40 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} holds objects other than tensors and plain containers; refusing to unpickle it "
-            f"(weights_only=True). Re-save it as a plain state dict. Details: {e}"
-        ) from None
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from None
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain containers; refusing to unpickle it "
+                f"(weights_only=True). Re-save it as a plain state dict. Details: {e}"
+            ) from None
+        raise CheckpointError(f"{path} is not a torch checkpoint (unpickling failed: {e})") from None
+    except Exception as e:  # a text file, a truncated download, another format: torch raises many kinds
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+# Where the EMA weights of a run of this suite sit in its Lightning checkpoint (tasks.base.BackboneModule).
+EMA_PREFIX = "ema.module.backbone."
 
 
 def extract_state_dict(obj) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint object, with wrapper prefixes removed."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    """The model weights of a checkpoint object, with wrapper prefixes removed. Where a checkpoint holds EMA
+    weights besides the live ones, the EMA weights: they are what the run evaluated."""
+    if isinstance(obj, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors, or one under 'state_dict')")
     sd = dict(obj)
+    if any(k.startswith(EMA_PREFIX) for k in sd):
+        sd = {k[len(EMA_PREFIX):]: v for k, v in sd.items() if k.startswith(EMA_PREFIX)}
     for prefix in ("backbone.", "_orig_mod.", "module."):
         if any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 
 
-def convert_raw_keys(sd: dict[str, torch.Tensor], model: VisionLSTM) -> dict[str, torch.Tensor]:
+def convert_raw_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Map the authors' training-code keys (and their flat-block model keys) onto this model's keys."""
     raw = any(k.startswith("xlstm.") or ".xlstm." in k or k.startswith("post_blocks_norm") for k in sd)
     out = {}
@@ -81,9 +91,10 @@ def convert_raw_keys(sd: dict[str, torch.Tensor], model: VisionLSTM) -> dict[str
 
 
 def load_checkpoint(model: nn.Module, path_or_state, strict: bool = True) -> nn.Module:
-    """Load weights into ``model`` (a VisionLSTM). The position embedding is resized when the checkpoint's
-    grid differs; a classifier head of another number of classes is left at its fresh init with a warning.
-    Any other missing, unexpected or misshapen key raises a CheckpointError naming them."""
+    """Load weights (a file path or a checkpoint object) into ``model`` (a ``vil.VisionLSTM``). The position
+    embedding is resized when the checkpoint's grid differs; a classifier head of another number of classes
+    is left at its fresh init with a warning. Any other missing, unexpected or misshapen key raises a
+    CheckpointError naming them."""
     obj = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else path_or_state
     sd = convert_raw_keys(extract_state_dict(obj), model)
     own = model.state_dict()

@@ -21,6 +21,7 @@ function to rounding error (the stabilizer only enters the result through ``eps`
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,10 @@ def resolve_form(form: str, device: torch.device, seq_len: int) -> str:
     if form == "auto":
         form = "triton" if device.type == "cuda" and _triton_available() else "chunkwise"
     if form == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"mlstm_form='triton' runs GPU kernels, but the input is on {device.type}: use "
+                               f"'auto' (the kernels on CUDA, the chunkwise form elsewhere) or move model and input "
+                               f"to a CUDA device (TRITON_INTERPRET=1 runs the kernels in Triton's CPU interpreter)")
         return "tiled" if seq_len <= TILED_MAX_TOKENS else "chunkwise_triton"
     if form not in MLSTM_FORMS:
         raise ValueError(f"unknown mlstm form {form!r}; choose one of {MLSTM_FORMS}")

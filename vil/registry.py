@@ -1,46 +1,36 @@
-"""Model registry: ``create_model`` builds a registered ViL configuration, optionally from a checkpoint."""
+"""``vil.create_model`` and ``vil.list_models``: the front door to the ViL variants in timm's registry."""
 from __future__ import annotations
 
 import difflib
-import fnmatch
-from typing import Callable
+import os
 
+import timm
 import torch.nn as nn
+from timm.models import split_model_name_tag
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-_CONFIGS: dict[str, dict] = {}
+from vil import vision_lstm  # noqa: F401  (registers the variants with timm)
 
-
-def register_model(name: str, builder: Callable[..., nn.Module], default_config: dict | None = None) -> None:
-    if name in _MODELS:
-        raise ValueError(f"model {name!r} is already registered")
-    _MODELS[name] = builder
-    _CONFIGS[name] = dict(default_config or {})
+_MODULE = vision_lstm.__name__.rsplit(".", 1)[-1]
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
+def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """Registered ViL variants (with ``pretrained``: their released weight tags, e.g. vil2_tiny.e800_in1k)."""
+    return timm.list_models(pattern, module=_MODULE, pretrained=pretrained)
 
 
-def model_config(name: str) -> dict:
-    _check_name(name)
-    return dict(_CONFIGS[name])
-
-
-def _check_name(name: str) -> None:
-    if name not in _MODELS:
-        close = difflib.get_close_matches(name, _MODELS, n=3)
+def create_model(name: str, checkpoint: str | os.PathLike | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` for a ViL variant, with a clear error for unknown names. ``checkpoint``: a local
+    weight file (the authors' .th, a state dict or a Lightning checkpoint of this suite), the same as
+    ``pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint)``. Other arguments are timm's and the
+    model's: num_classes, img_size, drop_path_rate, mlstm_form, features_only, out_indices, pretrained, ..."""
+    arch, _ = split_model_name_tag(name)
+    if arch not in list_models():
+        close = difflib.get_close_matches(arch, list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
-
-
-def create_model(name: str, checkpoint: str | None = None, **overrides) -> nn.Module:
-    """Build model ``name`` with config ``overrides`` (e.g. num_classes, img_size, drop_path_rate,
-    mlstm_form) and load ``checkpoint`` (authors' .th file, state dict or Lightning checkpoint) if given."""
-    _check_name(name)
-    model = _MODELS[name](**overrides)
     if checkpoint is not None:
-        from vil.checkpoint import load_checkpoint
-
-        load_checkpoint(model, checkpoint)
-    return model
+        if kwargs.get("pretrained") is False:
+            raise ValueError("checkpoint is given but pretrained=False; drop one of them")
+        kwargs["pretrained"] = True
+        kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), "file": os.fspath(checkpoint)}
+    return timm.create_model(name, **kwargs)

@@ -1,22 +1,32 @@
 """Vision-LSTM (ViL): a stack of mLSTM blocks over patch tokens (Alkin et al., ICLR 2025).
 
-One file, in the spirit of timm's model files: building blocks, the model, and the registered configs.
-State-dict keys follow the authors' released models (``blocks.{pair}.rowwise_from_top_left.*`` etc.), so
-their checkpoints load unchanged (see ``vil.checkpoint``).
+One file per model family, as in timm: the mLSTM layer and blocks, the model with timm's backbone
+interface (``forward_features`` / ``forward_head`` / ``forward_intermediates``, ``feature_info``,
+gradient checkpointing, pruning), its pretrained configs and the registered variants, which
+``timm.create_model`` builds once ``vil`` is imported. State-dict keys follow the authors' released models
+(``blocks.{pair}.rowwise_from_top_left.*`` etc.), so their checkpoints load unchanged (``vil.checkpoint``).
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
+from timm.models._hub import download_cached_file
+from torch.utils.checkpoint import checkpoint
 
+from vil.checkpoint import load_checkpoint
+from vil.layers import BlockDiagonalLinear, CausalConv1d, LayerNorm, MultiHeadLayerNorm, PatchEmbed, PosEmbed
 from vil.mlstm import MLSTM_FORMS, kernel_dtype, mlstm, resolve_form
-from vil.registry import register_model
 
 TRAVERSALS = {
     # Figure 4 of the paper. Blocks cycle through the directions: block j uses directions[j % len].
@@ -91,73 +101,6 @@ def from_traversal(x: torch.Tensor, direction: str, grid: tuple[int, int]) -> to
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Layers
-# ----------------------------------------------------------------------------------------------------------------------
-class LayerNorm(nn.Module):
-    """LayerNorm whose weight is stored as an offset from 1 (a stored zero means scale 1)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, (x.shape[-1],), 1.0 + self.weight, self.bias, self.eps)
-
-
-class MultiHeadLayerNorm(LayerNorm):
-    """Normalizes each head's features separately: input (B, NH, S, DH), output (B, S, NH * DH)."""
-
-    def forward(self, h):
-        B, NH, S, DH = h.shape
-        h = F.layer_norm(h, (DH,), eps=self.eps).transpose(1, 2).reshape(B, S, NH * DH)
-        return h * (1.0 + self.weight) + (self.bias if self.bias is not None else 0.0)
-
-
-class BlockDiagonalLinear(nn.Module):
-    """A linear map whose weight is block-diagonal with ``dim // block_size`` blocks of block_size^2."""
-
-    def __init__(self, dim: int, block_size: int = 4, bias: bool = True):
-        super().__init__()
-        self.block_size = block_size
-        self.weight = nn.Parameter(torch.empty(dim // block_size, block_size, block_size))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    def dense_weight(self) -> torch.Tensor:
-        """The (dim, dim) weight with zeros off the diagonal blocks.
-
-        On GPUs a dense matmul with it does dim / block_size times the arithmetic of the blocks, yet runs
-        far faster than the PyTorch alternatives: batched 4x4 matmuls leave tensor cores idle, and a
-        broadcast multiply-and-sum makes the weight gradient a reduction over all tokens that compiles
-        badly. The layer's Triton path computes q and k with kernels of their own instead
-        (vil.kernels.packed_qk_triton); v's weight is folded into the up-projection.
-        """
-        nb, bs, _ = self.weight.shape
-        eye = torch.eye(nb, device=self.weight.device, dtype=self.weight.dtype)
-        return torch.einsum("boi,bc->boci", self.weight, eye).reshape(nb * bs, nb * bs)
-
-    def forward(self, x):
-        if x.is_cuda:
-            return F.linear(x, self.dense_weight(), self.bias)
-        # Elsewhere the block-wise product: a batched matmul over the blocks on a strided view of x.
-        # The weight follows x's dtype, as autocast does not cover einsum on every device.
-        out = torch.einsum("...ni,noi->...no", x.unflatten(-1, (-1, self.block_size)), self.weight.to(x.dtype))
-        return out.flatten(-2) + self.bias.to(x.dtype) if self.bias is not None else out.flatten(-2)
-
-
-class CausalConv1d(nn.Module):
-    """Depthwise causal 1D convolution over the token sequence (xLSTM's original q/k convolution)."""
-
-    def __init__(self, dim: int, kernel_size: int = 4):
-        super().__init__()
-        self.conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size - 1, groups=dim)
-
-    def forward(self, x):  # (B, N, C)
-        return self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
-
-
 def _fused_linear(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """Several linear layers on the same input as one matmul (one kernel, one read of x)."""
     weights = [layer.weight for layer in layers]
@@ -177,7 +120,7 @@ class MLSTMLayer(nn.Module):
         conv_kernel_size: int = 3,
         proj_bias: bool = True,
         norm_bias: bool = True,
-        mlstm_form: str = "parallel",
+        mlstm_form: str = "auto",
         chunk_size: int = 64,
     ):
         super().__init__()
@@ -371,59 +314,28 @@ class MLSTMBlockPair(nn.Module):
     def sub_blocks(self):
         return [getattr(self, name) for name in self.names]
 
-    def forward(self, x, layout):
-        a, b = self.sub_blocks()
+    def forward(self, x, layout, taps: bool = False):
+        """The pair's output; with ``taps`` the list of outputs at its feature taps: after each sub-block
+        (sequential), or the pair's output once (parallel, where the sub-blocks have no output of their own)."""
         if self.concurrency == "parallel":
-            return x + a.branch(x, layout) + b.branch(x, layout)
-        return b(a(x, layout), layout)
+            a, b = self.sub_blocks()
+            x = x + a.branch(x, layout) + b.branch(x, layout)
+            return [x] if taps else x
+        outs = []
+        for block in self.sub_blocks():  # one block after pruning (VisionLSTM.prune_intermediate_layers)
+            x = block(x, layout)
+            outs.append(x)
+        return outs if taps else x
 
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches, linearly embedded. The weight is a Conv2d's (the checkpoints' layout), applied
-    as a matmul on token-major patches: on GPUs the strided convolution reads and writes channel-major
-    memory and runs through layout conversions and a slow weight gradient (H100, ViL-T at 224: about
-    1.3 ms of a training step, against 0.2 ms for the patch copy and the matmuls)."""
-
-    def __init__(self, patch_size: int, in_chans: int, dim: int):
-        super().__init__()
-        self.patch_size, self.in_chans = patch_size, in_chans
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-
-    def forward(self, x):
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
-        B, C = x.shape[:2]
-        patches = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, C * p * p)
-        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, H/p, W/p, dim)
-
-
-class PosEmbed(nn.Module):
-    """Learnable absolute position embedding on a (H, W) grid, bicubically resized to other grids."""
-
-    def __init__(self, grid: tuple[int, int], dim: int):
-        super().__init__()
-        self.embed = nn.Parameter(torch.zeros(1, *grid, dim))
-        trunc_normal_(self.embed, std=0.02)
-
-    def forward(self, x):  # (B, H, W, dim)
-        return x + resize_pos_embed(self.embed, tuple(x.shape[1:3]))
-
-
-def resize_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic (align_corners=False) resize of a (1, H, W, dim) position embedding to ``grid``."""
-    if tuple(embed.shape[1:3]) == tuple(grid):
-        return embed
-    out = F.interpolate(embed.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False)
-    return out.permute(0, 2, 3, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------------
+def _pooled_width(pooling: str, dim: int, num_cls: int) -> int:
+    return {"bilateral_concat": 2 * dim, "cls": max(num_cls, 1) * dim}.get(pooling, dim)
+
+
 class VisionLSTM(nn.Module):
     """Vision-LSTM.
 
@@ -431,6 +343,10 @@ class VisionLSTM(nn.Module):
     ``concurrency`` (4d), ``pooling`` and ``cls_tokens`` (Table 5). ``depth`` counts block pairs.
     ``version=1`` builds the first release's layout (bias-free projections and norms, causal conv1d,
     bilateral mean pooling, token norm named ``legacy_norm`` and head norm named ``norm``).
+
+    Feature taps (``feature_info``, ``forward_intermediates``' indices): the output of every mLSTM block,
+    0 .. 2 * depth - 1, so tap j is sub-block j % 2 of pair j // 2. With ``concurrency='parallel'`` the two
+    blocks of a pair share one output and the taps are the pairs' outputs, 0 .. depth - 1.
     """
 
     def __init__(
@@ -451,7 +367,7 @@ class VisionLSTM(nn.Module):
         cls_tokens: str = "none",
         drop_path_rate: float = 0.0,
         drop_path_schedule: str = "constant",
-        mlstm_form: str = "parallel",
+        mlstm_form: str = "auto",
         chunk_size: int = 64,
         proj_bias: bool = True,
         norm_bias: bool = True,
@@ -463,11 +379,20 @@ class VisionLSTM(nn.Module):
             ("traversal", traversal, tuple(TRAVERSALS)), ("conv_kind", conv_kind, CONV_KINDS),
             ("pooling", pooling, POOLINGS), ("cls_tokens", cls_tokens, CLS_TOKENS),
             ("concurrency", concurrency, CONCURRENCY), ("mlstm_form", mlstm_form, MLSTM_FORMS),
-            ("drop_path_schedule", drop_path_schedule, ("constant", "linear")),
+            ("drop_path_schedule", drop_path_schedule, ("constant", "linear")), ("version", version, (1, 2)),
         ]:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
-        if img_size[0] % patch_size or img_size[1] % patch_size:
+        for name, value in (("patch_size", patch_size), ("in_chans", in_chans), ("dim", dim), ("depth", depth),
+                            ("num_heads", num_heads), ("chunk_size", chunk_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier head), got {num_classes!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1) (the probability of dropping a block's branch), "
+                             f"got {drop_path_rate!r}")
+        if len(img_size) != 2 or img_size[0] % patch_size or img_size[1] % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         if pooling == "cls" and cls_tokens == "none":
             raise ValueError("pooling='cls' needs cls_tokens")
@@ -479,6 +404,7 @@ class VisionLSTM(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
         self.pos_embed = PosEmbed(self.grid, dim) if pos_embed else None
         num_cls = {"none": 0, "bilateral": 2, "mid": 1, "mid+bilateral": 3}[cls_tokens]
+        self.num_prefix_tokens = num_cls  # timm's name; ViL's [CLS] tokens need not come first
         self.cls_token = nn.Parameter(torch.zeros(1, num_cls, dim)) if num_cls else None
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
@@ -502,15 +428,23 @@ class VisionLSTM(nn.Module):
             )
             for i in range(depth)
         )
-        head_in = {"bilateral_concat": 2 * dim, "cls": max(num_cls, 1) * dim}.get(pooling, dim)
+        self.grad_checkpointing = False
+        head_in = _pooled_width(pooling, dim, num_cls)
         if version == 1:
             self.legacy_norm = LayerNorm(dim, eps=1e-5, bias=False)
             self.norm = nn.LayerNorm(head_in, eps=1e-6)
         else:
             self.norm = LayerNorm(dim, eps=1e-6, bias=norm_bias)
             self.legacy_norm = nn.LayerNorm(head_in, eps=1e-5)
-        self.head_in = head_in
+        # timm's names: tokens and feature maps have num_features channels, the pooled vector before the
+        # classifier head_hidden_size (2 * dim for the bilateral concat pooling).
+        self.num_features, self.head_hidden_size = dim, head_in
         self.head = nn.Linear(head_in, num_classes) if num_classes > 0 else nn.Identity()
+        if concurrency == "parallel":
+            modules = [f"blocks.{i}" for i in range(depth)]
+        else:
+            modules = [f"blocks.{i}.{name}" for i, pair in enumerate(self.blocks) for name in pair.names]
+        self.feature_info = [dict(num_chs=dim, reduction=patch_size, module=m) for m in modules]
         self.init_weights()
 
     # -- init ----------------------------------------------------------------------------------------------------------
@@ -532,9 +466,17 @@ class VisionLSTM(nn.Module):
             nn.init.zeros_(cell.fgate.weight)
             with torch.no_grad():
                 cell.fgate.bias.copy_(torch.linspace(3.0, 6.0, cell.fgate.bias.numel()))
+        self._init_head()
+
+    def _init_head(self):
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=2e-5)
             nn.init.zeros_(self.head.bias)
+
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Weights from a file: the authors' .th, a state dict or a Lightning checkpoint of this suite (what
+        timm calls for this model's pretrained configs, which all set ``custom_load``)."""
+        load_checkpoint(self, path)
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     def iter_blocks(self):
@@ -549,6 +491,11 @@ class VisionLSTM(nn.Module):
             block.layer.mlstm_form = form
             if chunk_size is not None:
                 block.layer.chunk_size = chunk_size
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block pair in the backward pass instead of keeping its activations (training
+        only; the outputs and gradients are the same)."""
+        self.grad_checkpointing = enable
 
     def _cls_slots(self, num_patches: int) -> list[int]:
         """Positions of the [CLS] tokens in the canonical (row-major) sequence."""
@@ -595,8 +542,24 @@ class VisionLSTM(nn.Module):
             pair.compile(**compile_kwargs)
         return self
 
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor of images, got {type(x).__name__}")
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"empty batch: got images of shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"images are {x.dtype}; the model takes float images normalized with the mean and std "
+                            f"of its pretrained_cfg (e.g. x.float() / 255, then normalize)")
+        weight = self.patch_embed.proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"images are {x.dtype} but the model's weights are {weight.dtype}: convert one to the "
+                            f"other (x.to({weight.dtype}) or model.to({x.dtype})), or run under torch.autocast")
+
     # -- forward -------------------------------------------------------------------------------------------------------
     def _embed(self, x):
+        self._check_input(x)
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = self.pos_embed(x)
@@ -615,42 +578,104 @@ class VisionLSTM(nn.Module):
     def _token_norm(self):
         return self.legacy_norm if self.version == 1 else self.norm
 
+    def _head_norm(self):
+        return self.norm if self.version == 1 else self.legacy_norm
+
+    def _run_pair(self, pair, x, layout, taps: bool = False):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(pair, x, layout, taps, use_reentrant=False)
+        return pair(x, layout, taps)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, shape (B, N, dim) (N includes [CLS] tokens if any)."""
         x, grid = self._embed(x)
         layout = self._layout(grid, x.device)
         for pair in self.blocks:
-            x = pair(x, layout)
+            x = self._run_pair(pair, x, layout)
         return self._token_norm()(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int], norm: bool = False) -> list[torch.Tensor]:
-        """Patch-token maps (B, dim, H/p, W/p) after the given flat block indices (0 .. 2*depth-1).
+    def _take_indices(self, indices) -> tuple[list[int], int]:
+        if indices is not None and not isinstance(indices, int) and len(indices) == 0:
+            raise ValueError("indices is empty: give tap indices, the number of last taps, or None for all")
+        try:
+            return feature_take_indices(len(self.feature_info), indices)
+        except AssertionError as e:  # timm asserts; name the model's tap count
+            raise ValueError(f"{e} (this model has {len(self.feature_info)} feature taps, see feature_info)") from None
 
-        With ``concurrency='parallel'`` the indices count pairs' outputs as the odd flat indices.
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ):
+        """Features at the taps ``indices`` (a list, negative counting from the end; an int n for the last n;
+        None for all), as timm's backbones return them: ``(final tokens after the final norm,
+        intermediates)``, or only the intermediates with ``intermediates_only``.
+
+        Intermediates are the patch tokens as maps (B, dim, H/p, W/p) (``output_fmt='NCHW'``) or as
+        row-major sequences (B, H/p * W/p, dim) (``'NLC'``), without the final norm unless ``norm``; with
+        ``return_prefix_tokens`` each is a (patch tokens, [CLS] tokens) tuple. ``stop_early`` runs the blocks
+        only up to the last tap, so the final tokens are those of that block.
         """
-        indices = sorted(set(int(i) % (2 * self.depth) for i in indices))
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = self._take_indices(indices)
+        take = set(take)
         x, grid = self._embed(x)
         layout = self._layout(grid, x.device)
-        patch_pos = self._patch_positions(x.shape[1], x.device)
-        outs, j = [], 0
+        tapped, j = [], 0
         for pair in self.blocks:
-            if self.concurrency == "parallel":
-                x = pair(x, layout)
-                steps = [(j, x), (j + 1, x)]
+            if intermediates_only or stop_early:
+                if j > last:
+                    break
+            if any(t in take for t in range(j, j + len(pair.sub_blocks()))):
+                outs = self._run_pair(pair, x, layout, taps=True)
+                tapped += [y for t, y in enumerate(outs, start=j) if t in take]
+                # stop_early at a pair's first block: the final tokens are that block's
+                x = outs[last - j] if stop_early and last < j + len(outs) else outs[-1]
             else:
-                a, b = pair.sub_blocks()
-                x = a(x, layout)
-                steps = [(j, x)]
-                x = b(x, layout)
-                steps.append((j + 1, x))
-            for idx, y in steps:
-                if idx in indices:
-                    y = self._token_norm()(y) if norm else y
-                    outs.append(self._to_image(y, grid, patch_pos))
-            j += 2
-            if j > indices[-1]:
-                break
-        return outs
+                x = self._run_pair(pair, x, layout)
+            j += 1 if self.concurrency == "parallel" else len(pair.sub_blocks())
+        patch_pos = self._patch_positions(x.shape[1], x.device)
+        intermediates = []
+        for y in tapped:
+            y = self._token_norm()(y) if norm else y
+            patches = y if patch_pos is None else y[:, patch_pos]
+            if output_fmt == "NCHW":
+                patches = patches.transpose(1, 2).reshape(y.shape[0], y.shape[2], *grid)
+            if return_prefix_tokens:
+                prefix = y[:, self._cls_slots(grid[0] * grid[1])]
+                patches = (patches, prefix)
+            intermediates.append(patches)
+        if intermediates_only:
+            return intermediates
+        return self._token_norm()(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last tap of ``indices`` (and with ``prune_head`` the pooling norm and the
+        classifier, with ``prune_norm`` the final token norm). Returns the taps as absolute indices, which
+        the pruned model's ``forward_intermediates`` gives unchanged."""
+        take, last = self._take_indices(indices)
+        if self.concurrency == "parallel":
+            self.blocks = self.blocks[: last + 1]
+        else:
+            self.blocks = self.blocks[: last // 2 + 1]
+            pair = self.blocks[-1]
+            if last % 2 == 0 and len(pair.names) == 2:  # the tap is the pair's first block
+                delattr(pair, pair.names[1])
+                pair.names = pair.names[:1]
+        self.feature_info = self.feature_info[: last + 1]
+        if prune_norm:
+            setattr(self, "legacy_norm" if self.version == 1 else "norm", nn.Identity())
+        if prune_head:
+            setattr(self, "norm" if self.version == 1 else "legacy_norm", nn.Identity())
+            self.reset_classifier(0)
+        return take
 
     def _patch_positions(self, num_tokens, device):
         if self.cls_token is None:
@@ -658,22 +683,20 @@ class VisionLSTM(nn.Module):
         slots = set(self._cls_slots(num_tokens - self.cls_token.shape[1]))
         return torch.tensor([i for i in range(num_tokens) if i not in slots], device=device)
 
-    @staticmethod
-    def _to_image(x, grid, patch_pos=None):
-        if patch_pos is not None:
-            x = x[:, patch_pos]
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
-
     def forward_feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Final patch tokens after the final norm as a (B, dim, H/p, W/p) map."""
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.forward_features(x)
-        return self._to_image(tokens, grid, self._patch_positions(tokens.shape[1], tokens.device))
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        patch_pos = self._patch_positions(tokens.shape[1], tokens.device)
+        patches = tokens if patch_pos is None else tokens[:, patch_pos]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
 
-    def pool(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def pool(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The pooled (B, head_hidden_size) vector of the tokens ``x``; ``grid`` (the token grid) is needed
+        only by ``center_avg`` pooling of non-square inputs."""
+        num_patches = x.shape[1] - self.num_prefix_tokens
         if self.pooling == "cls":
-            slots = self._cls_slots(grid[0] * grid[1])
-            return x[:, slots].flatten(1)
+            return x[:, self._cls_slots(num_patches)].flatten(1)
         patches = x if self.cls_token is None else x[:, self._patch_positions(x.shape[1], x.device)]
         if self.pooling == "bilateral_concat":
             return torch.cat([patches[:, 0], patches[:, -1]], dim=1)
@@ -681,33 +704,60 @@ class VisionLSTM(nn.Module):
             return (patches[:, 0] + patches[:, -1]) / 2
         if self.pooling == "avg":
             return patches.mean(1)
+        if grid is None:  # center_avg needs the grid's shape
+            side = math.isqrt(num_patches)
+            if side * side != num_patches:
+                raise ValueError(f"center_avg pooling of {num_patches} patch tokens needs the token grid: "
+                                 f"forward_head(x, grid=(H / patch_size, W / patch_size))")
+            grid = (side, side)
         H, W = grid  # center_avg: the 2x2 (or smaller, for odd sides) center patches
         rows, cols = slice((H - 1) // 2, H // 2 + 1), slice((W - 1) // 2, W // 2 + 1)
         return patches.view(x.shape[0], H, W, -1)[:, rows, cols].flatten(1, 2).mean(1)
 
-    def forward_head(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = self.pool(x, grid)
-        x = self.norm(x) if self.version == 1 else self.legacy_norm(x)
-        return self.head(x)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, grid: tuple[int, int] | None = None):
+        """Classifier on ``forward_features``' tokens; ``pre_logits``: the normalized pooled vector instead."""
+        x = self._head_norm()(self.pool(x, grid))
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        return self.forward_head(self.forward_features(x), grid)
+        tokens = self.forward_features(x)
+        return self.forward_head(tokens, grid=(x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size))
 
-    def reset_classifier(self, num_classes: int):
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        """A fresh head for ``num_classes`` (0: none); ``global_pool`` switches the pooling (one of POOLINGS),
+        which sets the head's input width."""
+        if global_pool is not None and global_pool != self.pooling:
+            if global_pool not in POOLINGS or (global_pool == "cls" and self.cls_token is None):
+                raise ValueError(f"global_pool {global_pool!r} is not available; choose one of {POOLINGS} "
+                                 f"('cls' needs cls_tokens)")
+            if _pooled_width(global_pool, self.dim, self.num_prefix_tokens) != self.head_hidden_size:
+                raise ValueError(f"global_pool {global_pool!r} changes the pooled width, which the pooling norm "
+                                 f"of this model does not have")
+            self.pooling = global_pool
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.head_in, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            trunc_normal_(self.head.weight, std=2e-5)
-            nn.init.zeros_(self.head.bias)
+        device = self._head_norm().weight.device if hasattr(self._head_norm(), "weight") else None
+        self.head = nn.Linear(self.head_hidden_size, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self._init_head()
 
-    def no_weight_decay_keys(self) -> set[str]:
-        """Parameters besides biases and norm weights that take no weight decay."""
+    # -- optimizer groups (timm's names) ---------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Parameters besides biases and norm weights (1-D) that take no weight decay."""
         keys = {"pos_embed.embed", "cls_token"}
         for name, _ in self.named_parameters():
             if name.endswith(("igate.bias", "fgate.bias")):
                 keys.add(name)
         return keys
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise decay helpers: the embeddings, then one group per block pair
+        (the paper's layer decay counts pairs), then the final norms and head."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm|^legacy_norm|^head", (99999,))])
 
     def lr_layer_id(self, name: str) -> int:
         """Layer index for layer-wise lr decay: embeddings 0, pair i -> i + 1, everything after -> depth + 1."""
@@ -717,28 +767,132 @@ class VisionLSTM(nn.Module):
             return int(name.split(".")[1]) + 1
         return self.depth + 1
 
+    def default_out_indices(self) -> tuple[int, ...]:
+        return segmentation_taps(self.depth, self.concurrency)
+
+
+def segmentation_taps(depth: int, concurrency: str = "sequential") -> tuple[int, ...]:
+    """The default feature taps (``features_only``' out_indices): after the pairs at 1/3, 1/2, 2/3 and all of
+    the depth. For 12 pairs (ViL-T/S/B) these are flat blocks 7, 11, 15, 23, the 4th, 6th, 8th and 12th pair:
+    the paper's ADE20K setting."""
+    pairs = sorted({max(1, round(depth * f)) for f in (1 / 3, 1 / 2, 2 / 3, 1)})
+    return tuple(p - 1 if concurrency == "parallel" else 2 * p - 1 for p in pairs)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Registered configurations
+# Pretrained configs and registered variants
 # ----------------------------------------------------------------------------------------------------------------------
+RELEASE_URL = "https://ml.jku.at/research/vision_lstm/download/"
+
+
+def _cfg(file: str | None = None, top1: float | None = None, **kwargs) -> dict:
+    """A pretrained config: the authors' evaluation transform (resize 224 bicubic, center crop ratio 1.0,
+    ImageNet mean/std). ``custom_load``: timm hands the file to ``VisionLSTM.load_pretrained``, which reads
+    the authors' raw training-code keys with ``torch.load(weights_only=True)``."""
+    cfg = dict(
+        url=RELEASE_URL + file if file else None, num_classes=1000, input_size=(3, 224, 224), pool_size=None,
+        crop_pct=1.0, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed.proj", classifier="head", custom_load=True, license="mit",
+        paper_ids="arXiv:2406.04303", paper_name="Vision-LSTM: xLSTM as Generic Vision Backbone",
+        origin_url="https://github.com/NX-AI/vision-lstm",
+    )
+    if top1 is not None:
+        cfg["notes"] = (f"ImageNet-1K top-1 {top1} (224, crop ratio 1.0)",)
+    return {**cfg, **kwargs}
+
+
+# The released checkpoints (../shared/reference: file names and top-1). The first tag of a model is its default.
+default_cfgs = generate_default_cfgs({
+    "vil2_tiny.e800_in1k": _cfg("vil2_tiny16_e800_in1k.th", 78.3),
+    "vil2_tiny.e400_in1k": _cfg("vil2_tiny16_e400_in1k.th", 77.2),
+    "vil2_small.e400_in1k": _cfg("vil2_small16_e400_in1k.th", 81.5),
+    "vil2_base.e400_in1k": _cfg("vil2_base16_e400_in1k.th", 82.4),
+    "vil_tiny.e800_in1k": _cfg("vil_tiny16_e800_in1k.th", 78.1),
+    "vil_small.e400_in1k": _cfg("vil_small16_e400_in1k.th", 80.7),
+    "vil_base.e400_in1k": _cfg("vil_base16_e400_in1k.th", 81.6),
+    # Small configurations for CPU work and tests (not from the paper; no released weights).
+    "vil2_nano": _cfg(input_size=(3, 32, 32)),
+    "vil2_digits": _cfg(input_size=(1, 8, 8), num_classes=10, mean=(0.0,), std=(1.0,)),
+})
+
+
+def _create_vil(variant: str, pretrained: bool = False, **kwargs) -> VisionLSTM:
+    """Build ``variant`` through timm (pretrained config, weights, ``features_only``). Weights come from the
+    release URL through torch.hub's cache, or from ``pretrained_cfg_overlay=dict(file=PATH)``."""
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                     pretrained_cfg_overlay=overlay)
+        if not cfg.file and not cfg.state_dict:
+            name = f"{variant}.{cfg.tag}" if cfg.tag else variant
+            if not cfg.url:
+                raise RuntimeError(f"{name} has no released weights; load your own with "
+                                   f"pretrained_cfg_overlay=dict(file=PATH) (vil.create_model: checkpoint=PATH)")
+            try:
+                overlay["file"] = download_cached_file(cfg.url, progress=True)
+            except OSError as e:  # URLError, HTTPError, socket errors
+                raise RuntimeError(
+                    f"could not download the {name} weights from {cfg.url} ({e}). Without internet access, fetch "
+                    f"that file elsewhere and pass it: timm.create_model({variant!r}, pretrained=True, "
+                    f"pretrained_cfg_overlay=dict(file='/path/to/{os.path.basename(cfg.url)}')) or "
+                    f"vil.create_model({variant!r}, checkpoint='/path/to/{os.path.basename(cfg.url)}')"
+                ) from None
+        overlay["custom_load"] = True  # a file given in the overlay is in the same formats
+    return build_model_with_cfg(
+        VisionLSTM, variant, pretrained, pretrained_cfg_overlay=overlay,
+        feature_cfg=dict(feature_cls="getter", out_indices=segmentation_taps(kwargs.get("depth", 12),
+                                                                            kwargs.get("concurrency", "sequential"))),
+        **kwargs,
+    )
+
+
 _V1 = dict(version=1, conv_kind="causal1d", conv_kernel_size=4, proj_bias=False, norm_bias=False, pooling="bilateral_mean")
 
 
-def _register(name: str, **config):
-    def build(**overrides):
-        return VisionLSTM(**{**config, **overrides})
-
-    build.__name__ = name
-    build.__doc__ = f"{name}: VisionLSTM({', '.join(f'{k}={v!r}' for k, v in config.items())})"
-    register_model(name, build, default_config=config)
+@register_model
+def vil2_tiny(pretrained: bool = False, **kwargs) -> VisionLSTM:
+    """ViL-T (paper Table 1): dim 192, 12 block pairs, patch 16, 6.4M parameters."""
+    return _create_vil("vil2_tiny", pretrained, **{"dim": 192, **kwargs})
 
 
-_register("vil2_tiny", dim=192)
-_register("vil2_small", dim=384)
-_register("vil2_base", dim=768)
-_register("vil_tiny", dim=192, **_V1)
-_register("vil_small", dim=384, **_V1)
-_register("vil_base", dim=768, **_V1)
-# Small configurations for CPU work and tests (not from the paper).
-_register("vil2_nano", dim=64, depth=2, patch_size=4, img_size=32)
-_register("vil2_digits", dim=64, depth=2, patch_size=2, img_size=8, in_chans=1, num_classes=10)
+@register_model
+def vil2_small(pretrained: bool = False, **kwargs) -> VisionLSTM:
+    """ViL-S: dim 384, 12 block pairs, patch 16, 23.4M parameters."""
+    return _create_vil("vil2_small", pretrained, **{"dim": 384, **kwargs})
+
+
+@register_model
+def vil2_base(pretrained: bool = False, **kwargs) -> VisionLSTM:
+    """ViL-B: dim 768, 12 block pairs, patch 16, 89.3M parameters."""
+    return _create_vil("vil2_base", pretrained, **{"dim": 768, **kwargs})
+
+
+@register_model
+def vil_tiny(pretrained: bool = False, **kwargs) -> VisionLSTM:
+    """ViL-T of the first release (v1 layout)."""
+    return _create_vil("vil_tiny", pretrained, **{"dim": 192, **_V1, **kwargs})
+
+
+@register_model
+def vil_small(pretrained: bool = False, **kwargs) -> VisionLSTM:
+    """ViL-S of the first release (v1 layout)."""
+    return _create_vil("vil_small", pretrained, **{"dim": 384, **_V1, **kwargs})
+
+
+@register_model
+def vil_base(pretrained: bool = False, **kwargs) -> VisionLSTM:
+    """ViL-B of the first release (v1 layout)."""
+    return _create_vil("vil_base", pretrained, **{"dim": 768, **_V1, **kwargs})
+
+
+@register_model
+def vil2_nano(pretrained: bool = False, **kwargs) -> VisionLSTM:
+    """A small v2 model for CPU work and tests: dim 64, 2 block pairs, patch 4 at 32x32."""
+    return _create_vil("vil2_nano", pretrained, **{"dim": 64, "depth": 2, "patch_size": 4, "img_size": 32, **kwargs})
+
+
+@register_model
+def vil2_digits(pretrained: bool = False, **kwargs) -> VisionLSTM:
+    """The digits demo's model: dim 64, 2 block pairs, patch 2 on 8x8 grey images, 10 classes."""
+    return _create_vil("vil2_digits", pretrained, **{"dim": 64, "depth": 2, "patch_size": 2, "img_size": 8,
+                                                     "in_chans": 1, "num_classes": 10, **kwargs})
