@@ -5,8 +5,8 @@ Times forward and forward+backward (median of triton.testing.do_bench; the PyTor
 post-processing of the tiled kernel included, run eagerly), reports peak memory of one forward+backward,
 and checks each kernel once per shape against the float32 parallel form.
 
-    python experiments/bench_mlstm_cell.py                 # all shapes, bf16
-    python experiments/bench_mlstm_cell.py --shapes vil-t-224 --chunk-size 64
+    .venv/bin/python experiments/bench_mlstm_cell.py                 # all shapes, bf16
+    .venv/bin/python experiments/bench_mlstm_cell.py --shapes vil-t-224 --chunk-size 64
 """
 from __future__ import annotations
 

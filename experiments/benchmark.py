@@ -9,9 +9,9 @@ its peak memory counts the graphs' memory pools, allocated during warm-up). The 
 mLSTM form at every length, compiled, the algorithm of the authors' release; ``vil`` uses
 ``mlstm_form="auto"``: the fused Triton kernels on CUDA.
 
-    python experiments/benchmark.py                         # GPU: T/S/B at 224/384/512/768/1024
-    python experiments/benchmark.py --sizes tiny --res 224 512 1024 --modes compiled cudagraphs
-    python experiments/benchmark.py --quick                 # CPU smoke run with tiny models
+    .venv/bin/python experiments/benchmark.py               # GPU: T/S/B at 224/384/512/768/1024
+    .venv/bin/python experiments/benchmark.py --sizes tiny --res 224 512 1024 --modes compiled cudagraphs
+    .venv/bin/python experiments/benchmark.py --quick       # CPU smoke run of the script (seconds; no real numbers)
 
 Writes ``benchmark.csv`` and ``benchmark.png`` (img/s vs resolution) under ``--out``.
 """
@@ -227,10 +227,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny models on the CPU, for a smoke test")
     p.add_argument("--out", default="runs/benchmark")
     args = p.parse_args(argv)
-    if args.quick:
-        args.res = [r for r in args.res if r <= 64] or [32, 64]
+    if args.quick:  # every size builds the same tiny model here: one size, one resolution
+        args.sizes, args.res = args.sizes[:1], [r for r in args.res if r <= 64][:1] or [32]
         args.steps, args.warmup, args.min_seconds = 1, 1, 0.0
         args.modes = [m for m in args.modes if m == "eager"] or ["eager"]
+        torch.set_num_threads(1)  # tiny CPU ops: more threads only contend for the cores
+        print("quick: a smoke run of the script with tiny models on the CPU; the numbers measure nothing")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu"
     print(f"device: {dev}, torch {torch.__version__}")
     rows = run(args)

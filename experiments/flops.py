@@ -1,6 +1,6 @@
 """Training FLOPs per image: ViL vs DeiT (timm) at several resolutions, counted on the CPU.
 
-    python experiments/flops.py --sizes tiny --res 224 512 1024
+    .venv/bin/python experiments/flops.py --sizes tiny --res 224 512 1024
 
 A FLOP ratio is what the throughput ratio would be if both models ran at the same hardware efficiency.
 ViL is counted in its chunkwise form (the linear-cost algorithm; 64-token chunks by default), DeiT with
