@@ -1,5 +1,5 @@
 """scikit-learn's handwritten digits (1,797 8x8 grey images, 10 classes): shipped with scikit-learn, so it
-trains anywhere without downloads. Used as the embedded default job and in tests."""
+trains anywhere without downloads. Used by the embedded default job and in tests."""
 from __future__ import annotations
 
 import lightning as L
