@@ -108,8 +108,6 @@ def _checkpoint_step(path: str) -> int:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
         raise CommandLineError(f"--ckpt_path: {e}") from None
-    except Exception as e:  # torch's weights-only unpickler fails on some non-checkpoint files with e.g. KeyError
-        raise CommandLineError(f"--ckpt_path: {path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise CommandLineError(
             f"--ckpt_path {path} is not a Lightning checkpoint of a run (no state_dict / global_step); "

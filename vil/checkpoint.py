@@ -30,9 +30,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
+            # torch's message is many lines of advice; the line naming the object is the one that matters
+            detail = next((line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()), "")
             raise CheckpointError(
                 f"{path} holds objects other than tensors and plain containers; refusing to unpickle it "
-                f"(weights_only=True). Re-save it as a plain state dict. Details: {e}"
+                f"(weights_only=True). Re-save it as a plain state dict. {detail}".rstrip()
             ) from None
         raise CheckpointError(f"{path} is not a torch checkpoint (unpickling failed: {e})") from None
     except Exception as e:  # a text file, a truncated download, another format: torch raises many kinds

@@ -629,9 +629,8 @@ class VisionLSTM(nn.Module):
         layout = self._layout(grid, x.device)
         tapped, j = [], 0
         for pair in self.blocks:
-            if intermediates_only or stop_early:
-                if j > last:
-                    break
+            if (intermediates_only or stop_early) and j > last:
+                break
             if any(t in take for t in range(j, j + len(pair.sub_blocks()))):
                 outs = self._run_pair(pair, x, layout, taps=True)
                 tapped += [y for t, y in enumerate(outs, start=j) if t in take]
@@ -740,7 +739,7 @@ class VisionLSTM(nn.Module):
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         self.num_classes = num_classes
-        device = self._head_norm().weight.device if hasattr(self._head_norm(), "weight") else None
+        device = self.patch_embed.proj.weight.device
         self.head = nn.Linear(self.head_hidden_size, num_classes, device=device) if num_classes > 0 else nn.Identity()
         self._init_head()
 
