@@ -6,7 +6,7 @@ It lives in ``tasks`` rather than ``vil`` so that the model package never import
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -14,6 +14,9 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import vil
+
+CompileChoice = Literal["none", "blocks", "blocks-cudagraphs", "model", "auto"]
+COMPILE_CHOICES = get_args(CompileChoice)
 
 
 class BackboneModule(L.LightningModule):
@@ -52,7 +55,7 @@ class BackboneModule(L.LightningModule):
         warmup_steps: int | None = None,
         min_lr: float = 1e-6,
         ema_decay: float | None = None,
-        compile: Literal["none", "blocks", "blocks-cudagraphs", "model", "auto"] = "auto",
+        compile: CompileChoice = "auto",
         compile_kwargs: dict[str, Any] | None = None,
         optimizer_fused: bool | None = None,
     ):
@@ -63,6 +66,9 @@ class BackboneModule(L.LightningModule):
         self.backbone = vil.create_model(model, checkpoint=checkpoint, **(model_kwargs or {}))
         self.ema: AveragedModel | None = None
         self.compiled: str | None = None  # the compile choice applied, once resolved
+        # Divergence check (check_finite): a device flag over the steps since the last read, and that read's step.
+        self._all_finite: torch.Tensor | None = None
+        self._checked_until = -1
 
     # -- model hooks for subclasses ------------------------------------------------------------------------------------
     def compile_choice(self) -> str:
@@ -129,14 +135,13 @@ class BackboneModule(L.LightningModule):
         makes the CPU wait for the GPU before it can queue the next step (ViL-T at 224 on an H200: 0.86x the
         bare training step's img/s, see experiments/bench_fit.py)."""
         finite = torch.isfinite(loss.detach()).all()
-        self._all_finite = finite if getattr(self, "_all_finite", None) is None else self._all_finite & finite
+        self._all_finite = finite if self._all_finite is None else self._all_finite & finite
         every = max(self.trainer.log_every_n_steps, 1) if self._trainer is not None else 1
         if (self.global_step + 1) % every == 0:
             self.raise_if_diverged()
 
     def raise_if_diverged(self) -> None:
-        flag = getattr(self, "_all_finite", None)
-        first = min(getattr(self, "_checked_until", -1) + 1, self.global_step)
+        flag, first = self._all_finite, min(self._checked_until + 1, self.global_step)
         self._all_finite, self._checked_until = None, self.global_step
         if flag is not None and not bool(flag):
             raise FloatingPointError(
@@ -225,9 +230,6 @@ class BackboneModule(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
         return None
-
-
-COMPILE_CHOICES = ("none", "blocks", "blocks-cudagraphs", "model", "auto")
 
 
 class WarmupCosine:
