@@ -332,6 +332,11 @@ class MLSTMBlockPair(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------------
+def _check_num_classes(num_classes) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier head), got {num_classes!r}")
+
+
 def _pooled_width(pooling: str, dim: int, num_cls: int) -> int:
     return {"bilateral_concat": 2 * dim, "cls": max(num_cls, 1) * dim}.get(pooling, dim)
 
@@ -387,8 +392,7 @@ class VisionLSTM(nn.Module):
                             ("num_heads", num_heads), ("chunk_size", chunk_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier head), got {num_classes!r}")
+        _check_num_classes(num_classes)
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1) (the probability of dropping a block's branch), "
                              f"got {drop_path_rate!r}")
@@ -736,8 +740,7 @@ class VisionLSTM(nn.Module):
                 raise ValueError(f"global_pool {global_pool!r} changes the pooled width, which the pooling norm "
                                  f"of this model does not have")
             self.pooling = global_pool
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        _check_num_classes(num_classes)
         self.num_classes = num_classes
         device = self.patch_embed.proj.weight.device
         self.head = nn.Linear(self.head_hidden_size, num_classes, device=device) if num_classes > 0 else nn.Identity()
