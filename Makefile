@@ -9,7 +9,7 @@ RUN_DIR ?= runs/digits
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,all]"
 	touch $(STAMP)
 
 demo: $(STAMP)

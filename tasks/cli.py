@@ -12,6 +12,7 @@ its config is written beside the original as ``config_resume_1.yaml`` (then ``_2
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -23,9 +24,19 @@ from tasks.base import BackboneModule
 from tasks.loggers import RunLogger
 from vil.checkpoint import CheckpointError, read_checkpoint
 
-# Extra commands besides the Trainer's: name -> callable(argv) -> exit code. The first line of a callable's
-# docstring is its help.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {}
+# Extra commands besides the Trainer's: name -> callable(argv) -> exit code, or "module:function" naming one
+# (imported only when the command runs, so that `vil fit` does not import every task's dependencies). The first
+# line of the callable's docstring is its help.
+COMMANDS: dict[str, str | Callable[[list[str]], int]] = {}
+
+
+def command(name: str) -> Callable[[list[str]], int]:
+    """The callable registered in ``COMMANDS`` under ``name``."""
+    target = COMMANDS[name]
+    if isinstance(target, str):
+        module, _, function = target.partition(":")
+        target = getattr(importlib.import_module(module), function)
+    return target
 
 _DESCRIPTION = "Vision-LSTM training and evaluation (LightningCLI)."
 _EXAMPLES = {"model": "--model tasks.classification.ClassificationModule", "data": "--data tasks.digits.data.DigitsDataModule"}
@@ -120,8 +131,11 @@ def _extra_commands_help() -> str | None:
     if not COMMANDS:
         return None
     lines = []
-    for name, fn in sorted(COMMANDS.items()):
-        doc = (fn.__doc__ or "").strip().splitlines()
+    for name in sorted(COMMANDS):
+        try:
+            doc = (command(name).__doc__ or "").strip().splitlines()
+        except ImportError as e:  # an optional extra that is not installed
+            doc = [f"unavailable: {e}"]
         lines.append(f"{name} ({doc[0].rstrip('.')})" if doc else name)
     return f"other commands: {'; '.join(lines)}. Run `vil COMMAND --help` for a command's options."
 
@@ -130,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vil`` (and ``vil-classify``) console scripts; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
+        return command(argv[0])(argv[1:])
     try:
         VilCLI(args=argv or ["--help"])
     except CommandLineError as e:
