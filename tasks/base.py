@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 import torch.nn as nn
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import vil
@@ -39,6 +40,13 @@ class BackboneModule(L.LightningModule):
         compile_kwargs: further ``torch.compile`` arguments (``backend``, ``dynamic``, ``options``, ...);
             ``blocks-cudagraphs`` sets ``mode`` itself.
         optimizer_fused: use the fused AdamW kernel; None picks it when every parameter is on CUDA.
+        library: where ``model`` is registered: ``vil`` (``vil.create_model``) or ``timm`` (any timm model, e.g.
+            the DeiT-III baseline built with timm's VisionTransformer; one lr layer, its blocks compiled one by
+            one). A ``checkpoint`` for a timm model is read with ``torch.load(weights_only=True)`` and passed
+            through the model's checkpoint filter (timm's ViT filter resamples the position embedding).
+
+    Checkpoints of a fit hold the random number generators of every process (torch, CUDA, numpy, Python), and a
+    fit resumed from one continues them: batch mixing and stochastic depth then draw what the unbroken run drew.
     """
 
     def __init__(
@@ -58,19 +66,32 @@ class BackboneModule(L.LightningModule):
         compile: CompileChoice = "auto",
         compile_kwargs: dict[str, Any] | None = None,
         optimizer_fused: bool | None = None,
+        library: Literal["vil", "timm"] = "vil",
     ):
         super().__init__()
         if compile not in COMPILE_CHOICES:
             raise ValueError(f"compile={compile!r}: expected one of {', '.join(COMPILE_CHOICES)}")
+        if library not in ("vil", "timm"):
+            raise ValueError(f"library={library!r}: expected 'vil' or 'timm'")
         self.save_hyperparameters()
-        self.backbone = vil.create_model(model, checkpoint=checkpoint, **(model_kwargs or {}))
+        self.backbone = self.create_backbone(model, checkpoint, dict(model_kwargs or {}))
         self.ema: AveragedModel | None = None
         self.compiled: str | None = None  # the compile choice applied, once resolved
         # Divergence check (check_finite): a device flag over the steps since the last read, and that read's step.
         self._all_finite: torch.Tensor | None = None
         self._checked_until = -1
+        self._rng_states_to_restore: dict | None = None
 
     # -- model hooks for subclasses ------------------------------------------------------------------------------------
+    def create_backbone(self, model: str, checkpoint: str | None, model_kwargs: dict[str, Any]) -> nn.Module:
+        """The backbone: a ViL variant from ``vil.create_model``, or with ``library="timm"`` a timm model
+        (``create_timm_model``). A task comparing against another timm backbone may override this; the module
+        must offer what ``param_groups`` and ``configure_model`` use (``no_weight_decay``; for layer decay
+        ``depth`` and ``lr_layer_id``; ``compile_blocks`` or ``blocks``)."""
+        if self.hparams.get("library", "vil") == "timm":
+            return create_timm_model(model, checkpoint=checkpoint, **model_kwargs)
+        return vil.create_model(model, checkpoint=checkpoint, **model_kwargs)
+
     def compile_choice(self) -> str:
         """``hparams.compile`` with ``auto`` resolved for the device the trainer runs the module on."""
         choice = self.hparams.compile
@@ -86,12 +107,19 @@ class BackboneModule(L.LightningModule):
         choice = self.compile_choice()
         kwargs = dict(self.hparams.compile_kwargs or {})
         if choice == "blocks":
-            self.backbone.compile_blocks(**kwargs)
+            self._compile_blocks(**kwargs)
         elif choice == "blocks-cudagraphs":
-            self.backbone.compile_blocks(**{**kwargs, "mode": "reduce-overhead"})
+            self._compile_blocks(**{**kwargs, "mode": "reduce-overhead"})
         elif choice == "model":
             self.backbone = torch.compile(self.backbone, **kwargs)
         self.compiled = choice
+
+    def _compile_blocks(self, **kwargs):
+        if hasattr(self.backbone, "compile_blocks"):
+            self.backbone.compile_blocks(**kwargs)
+        else:  # a timm model: its blocks one by one, like VisionLSTM.compile_blocks
+            for block in self.backbone.blocks:
+                block.compile(**kwargs)
 
     def _mark_cudagraph_step(self):
         # CUDA graph trees reuse their output buffers on the next replay; marking each step tells them the
@@ -100,7 +128,26 @@ class BackboneModule(L.LightningModule):
             torch.compiler.cudagraph_mark_step_begin()
 
     def on_train_batch_start(self, batch, batch_idx):
+        if self._rng_states_to_restore is not None:  # the first step after resuming: continue the saved streams
+            _set_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
         self._mark_cudagraph_step()
+
+    # -- random state in checkpoints -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = _rng_state_tensors(_collect_rng_states())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            states = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        rank = self.global_rank if self._trainer is not None else 0
+        if states and rank < len(states):
+            self._rng_states_to_restore = _rng_state_from_tensors(states[rank])
 
     def on_validation_batch_start(self, batch, batch_idx, dataloader_idx=0):
         self._mark_cudagraph_step()
@@ -171,15 +218,20 @@ class BackboneModule(L.LightningModule):
     def param_groups(self, lr: float) -> list[dict]:
         backbone = getattr(self.backbone, "_orig_mod", self.backbone)
         no_decay_keys = backbone.no_weight_decay()
-        num_layers = backbone.depth + 2
         decay = self.hparams.layer_decay
+        if hasattr(backbone, "lr_layer_id"):
+            num_layers = backbone.depth + 2
+        else:  # a timm model: one layer
+            if decay is not None:
+                raise ValueError(f"layer_decay needs a ViL backbone (lr_layer_id); {type(backbone).__name__} has none")
+            num_layers = 1
         groups: dict[tuple[int, bool], dict] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad or name.startswith("ema."):
                 continue
             if name.startswith("backbone."):
                 inner = name.split(".", 1)[1].removeprefix("_orig_mod.")
-                layer_id = backbone.lr_layer_id(inner)
+                layer_id = backbone.lr_layer_id(inner) if num_layers > 1 else 0
                 skip_wd = param.ndim <= 1 or inner in no_decay_keys
             else:  # task heads sit above the backbone
                 layer_id = num_layers - 1
@@ -230,6 +282,56 @@ class BackboneModule(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
         return None
+
+
+def create_timm_model(name: str, checkpoint: str | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``; weights from ``checkpoint`` (a state dict or a Lightning checkpoint
+    of this suite) read with ``torch.load(weights_only=True)``, passed through the model's own checkpoint filter
+    (timm's ViT filter resamples the position embedding to the model's grid)."""
+    import importlib
+
+    import timm
+
+    from vil.checkpoint import extract_state_dict, read_checkpoint
+
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if checkpoint is not None:
+        sd = extract_state_dict(read_checkpoint(checkpoint))
+        filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            sd = filter_fn(sd, model)
+        head = getattr(model, "head", None)
+        if isinstance(head, nn.Linear) and "head.weight" in sd and sd["head.weight"].shape != head.weight.shape:
+            raise ValueError(f"{checkpoint}: head of {sd['head.weight'].shape[0]} classes, the model has "
+                             f"{head.weight.shape[0]}")
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{checkpoint} does not fit {name}: missing keys {missing[:10]}, unexpected keys "
+                             f"{unexpected[:10]}")
+    return model
+
+
+def _rng_state_tensors(states: dict) -> dict:
+    """The RNG states as tensors and plain containers only (checkpoints load with weights_only=True)."""
+    out = {"torch": states["torch"], "python": [states["python"][0], list(states["python"][1]), states["python"][2]]}
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        out["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    if states.get("torch.cuda"):
+        out["torch.cuda"] = list(states["torch.cuda"])
+    return out
+
+
+def _rng_state_from_tensors(state: dict) -> dict:
+    import numpy as np
+
+    out = {"torch": state["torch"], "python": (state["python"][0], tuple(state["python"][1]), state["python"][2])}
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        out["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    if state.get("torch.cuda") and torch.cuda.is_available() and len(state["torch.cuda"]) == torch.cuda.device_count():
+        out["torch.cuda"] = state["torch.cuda"]
+    return out
 
 
 class WarmupCosine:

@@ -6,8 +6,11 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 
+from weakref import proxy
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class LearningCurves(L.Callback):
@@ -116,3 +119,47 @@ class CPUThreads(L.Callback):
         if self._before is not None:
             torch.set_num_threads(self._before)
             self._before = None
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, each file written to ``<name>.tmp`` and moved into place with
+    ``os.replace``: a process killed while saving leaves the previous checkpoint whole."""
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        tmp = f"{filepath}.tmp"
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("AtomicCheckpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+class ResumeCheckpoint(AtomicCheckpoint):
+    """The newest state of a run in one file (``last.ckpt``), written atomically every ``every_n_train_steps``
+    optimizer steps, at the end of each training epoch and at the end of training. Resuming from it with
+    ``--ckpt_path`` continues mid-epoch where the data module keeps its position (``ImageNetDataModule``).
+
+    Args:
+        every_n_train_steps: steps between saves (besides those at epoch ends).
+        filename: the file's name without ``.ckpt``.
+    """
+
+    def __init__(self, every_n_train_steps: int = 1000, filename: str = "last", dirpath: str | None = None):
+        if every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be >= 1, got {every_n_train_steps}")
+        super().__init__(dirpath=dirpath, filename=filename, every_n_train_steps=every_n_train_steps, save_top_k=1,
+                         enable_version_counter=False)
+
+    def _save_newest(self, trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._save_newest(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._save_newest(trainer)
