@@ -27,7 +27,11 @@ from vil.checkpoint import CheckpointError, read_checkpoint
 # Extra commands besides the Trainer's: name -> callable(argv) -> exit code, or "module:function" naming one
 # (imported only when the command runs, so that `vil fit` does not import every task's dependencies). The first
 # line of the callable's docstring is its help.
-COMMANDS: dict[str, str | Callable[[list[str]], int]] = {}
+COMMANDS: dict[str, str | Callable[[list[str]], int]] = {
+    "vtab": "tasks.vtab.sweep:main",
+    "segment": "tasks.segmentation.predict:main",
+    "robustness": "tasks.imagenet.robustness:main",
+}
 
 
 def command(name: str) -> Callable[[list[str]], int]:
