@@ -1,5 +1,6 @@
 """ImageNet task in separate processes: a SIGKILLed fit resumed mid-epoch ends bitwise where an unbroken one
-does, and 2-process DDP (gloo, CPU) validation gives the metrics of one process on an uneven val set."""
+does, and 2-process DDP (gloo, CPU) validation gives the metrics of one process on an uneven val set, and 2-process training ends where one
+process with the same global batch does."""
 import csv
 import json
 import os
@@ -43,9 +44,11 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def fit_args(tree, out, kill_step: int, workers: int, *extra) -> list[str]:
-    callbacks = [{"class_path": "tasks.callbacks.ResumeCheckpoint", "init_args": {"every_n_train_steps": 2}},
-                 {"class_path": "__main__.KillAtStep", "init_args": {"step": kill_step}}]
+def fit_args(tree, out, kill_step: int | None, workers: int, *extra) -> list[str]:
+    """`vil fit` of a tiny row; last.ckpt every 2 steps and, unless kill_step is None, a SIGKILL at that step."""
+    callbacks = [{"class_path": "tasks.callbacks.ResumeCheckpoint", "init_args": {"every_n_train_steps": 2}}]
+    if kill_step is not None:
+        callbacks.append({"class_path": "__main__.KillAtStep", "init_args": {"step": kill_step}})
     kwargs = {**TINY_KWARGS, "drop_path_rate": 0.1}  # stochastic depth and batch mixing both draw random numbers
     return ["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "vil2_tiny_e800.yaml"),
             "--data.init_args.root", str(tree), "--data.init_args.batch_size", "4",
@@ -129,3 +132,42 @@ def test_two_process_ddp_validation_equals_one_process_on_an_uneven_val_set(tmp_
     assert two["val/acc"] == one["val/acc"], "every image counted once, none twice"
     assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
     assert round(one["val/acc"] * 11) == pytest.approx(one["val/acc"] * 11, abs=1e-6), "a share of 11 images"
+
+
+def _fit_ddp(tree, out, devices: int, batch_size: int, data_seed: int = 0):
+    args = fit_args(tree, out, None, 0, "--data.init_args.batch_size", str(batch_size),
+                    "--data.init_args.seed", str(data_seed),
+                    # a large lr without warmup, so that the weights move far from where they started
+                    "--model.init_args.lr", "0.5", "--model.init_args.warmup_epochs", "0",
+                    "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
+                    "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+                    # no batch mixing (it pairs images within a process's batch) and no stochastic depth
+                    "--model.init_args.mixup_alpha", "0", "--model.init_args.cutmix_alpha", "0",
+                    "--model.init_args.model_kwargs", json.dumps(TINY_KWARGS), "--trainer.limit_val_batches", "0")
+    env = clean_env()
+    env["PL_TORCH_DISTRIBUTED_BACKEND"] = "gloo"
+    proc = subprocess.run(["timeout", "-k", "10", "240", VIL, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "version_0" / "metrics.csv", newline="") as f:
+        losses = [float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")]
+    return torch.load(out / "version_0" / "checkpoints" / "last.ckpt", weights_only=True), losses
+
+
+def test_two_process_ddp_training_matches_one_process_with_the_same_global_batch(tmp_path):
+    # 18 images, global batch 6: one process x 6 or two x 3. The sampler deals each epoch's permutation to the
+    # ranks round-robin and seeds each image's augmentation by its index, so both runs see the same images with
+    # the same augmentations in every step; DDP averages the two halves' gradients into the full batch's.
+    tree = make_tree(tmp_path / "tree", n_train=6, special=False)
+    one, one_losses = _fit_ddp(tree, tmp_path / "one", 1, 6)
+    two, two_losses = _fit_ddp(tree, tmp_path / "two", 2, 3)
+    other, _ = _fit_ddp(tree, tmp_path / "other", 2, 3, data_seed=1)  # another order: must end elsewhere
+    assert one["global_step"] == two["global_step"] == other["global_step"] == 6
+    assert len(one_losses) == 6 and len(two_losses) == 6  # rank 0 logs its half-batch loss
+
+    def max_diff(a, b):
+        return max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
+
+    print(f'max weight difference: 1 vs 2 processes {max_diff(one, two):.2e}, other order {max_diff(one, other):.2e}')
+    assert max_diff(one, two) < 5e-5  # float sums in another order (measured: about 4e-6)
+    assert max_diff(one, other) > 1e-3  # the comparison can tell runs apart
