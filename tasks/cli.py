@@ -31,6 +31,9 @@ COMMANDS: dict[str, str | Callable[[list[str]], int]] = {
     "vtab": "tasks.vtab.sweep:main",
     "segment": "tasks.segmentation.predict:main",
     "robustness": "tasks.imagenet.robustness:main",
+    "list": "tasks.rows:list_main",
+    "run": "tasks.rows:run_main",
+    "report": "tasks.rows:report_main",
 }
 
 

@@ -1,6 +1,6 @@
 """ImageNet task in separate processes: a SIGKILLed fit resumed mid-epoch ends bitwise where an unbroken one
-does, and 2-process DDP (gloo, CPU) validation gives the metrics of one process on an uneven val set, and 2-process training ends where one
-process with the same global batch does."""
+does; 2-process DDP (gloo, CPU) validation gives the metrics of one process on an uneven val set; 2-process
+training ends where one process with the same global batch does."""
 import csv
 import json
 import os
