@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from experiments.rows import ROWS, Row, Stage, get_row, rows_of_table
+from tasks.files import atomic_path, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "runs"
@@ -38,13 +38,6 @@ class RowError(Exception):
 # -- markers and status -------------------------------------------------------------------------------------------------
 def stage_dir(out: str | os.PathLike, row: Row, stage: Stage) -> Path:
     return Path(out) / row.id / stage.name
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -281,7 +274,7 @@ def run_row(row: Row, out: str | os.PathLike, overrides: list[str] = (), devices
             handed[stage.name] = None
             continue
         if rank == 0:
-            _write_json_atomic(folder / "running.json", dict(pid=os.getpid(), host=socket.gethostname(),
+            write_json_atomic(folder / "running.json", dict(pid=os.getpid(), host=socket.gethostname(),
                                                              started=time.time(), argv=argv))
         start = time.time()
         rc = subprocess.call(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": _pythonpath()})
@@ -290,7 +283,7 @@ def run_row(row: Row, out: str | os.PathLike, overrides: list[str] = (), devices
             return rc
         outputs = stage_output(row, stage, out)
         if rank == 0:
-            _write_json_atomic(folder / "done.json", dict(row=row.id, stage=stage.name, argv=argv,
+            write_json_atomic(folder / "done.json", dict(row=row.id, stage=stage.name, argv=argv,
                                                           seconds=round(time.time() - start, 1), finished=time.time(),
                                                           world_size=world, **outputs))
             (folder / "running.json").unlink(missing_ok=True)
@@ -492,7 +485,8 @@ def plot_accuracy_vs_flops(points: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -514,7 +508,8 @@ def plot_throughput(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -526,19 +521,16 @@ def write_report(out, dest=None, benchmark: str | None = None) -> dict[str, Path
     records = collect(out)
     written = {}
     path = dest / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(report_markdown(records))
-    os.replace(tmp, path)
+    write_text_atomic(path, report_markdown(records))
     written["report.md"] = path
     path = dest / "report.csv"
-    with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["row", "tables", "label", "column", "paper", "ours", "delta"])
         for r in records:
             writer.writerow([r["row"], " ".join(r["tables"]), r["label"], r["column"], r["paper"],
                              "" if r["ours"] is None else f"{r['ours']:.4f}",
                              "" if r["delta"] is None else f"{r['delta']:.4f}"])
-    os.replace(path.with_suffix(".csv.tmp"), path)
     written["report.csv"] = path
     points = accuracy_vs_flops(out)
     if points:

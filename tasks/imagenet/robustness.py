@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -28,6 +29,8 @@ import time
 from collections.abc import Sequence
 
 import torch
+
+from tasks.files import write_json_atomic, write_text_atomic
 
 # The 15 corruptions of the standard mCE, in the usual order, with AlexNet's top-1 error (mean over severities
 # 1-5) as the normaliser (Hendrycks & Dietterich 2019; AugMix's ALEXNET_ERR).
@@ -134,13 +137,6 @@ def top1_accuracy(model, dataset, batch_size: int, num_workers: int, device, sub
         correct += int((logits.argmax(-1) == y).sum())
         total += len(y)
     return correct / max(total, 1), total
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def build_table(results: dict[str, dict]) -> tuple[list[tuple[str, str]], dict[str, float]]:
@@ -254,14 +250,14 @@ def _run(argv: list[str] | None) -> int:
         dataset = _RemappedFolder(folder, transform, wnids)
         acc, n = top1_accuracy(model, dataset, args.batch_size, args.num_workers, device, subset, args.precision)
         results[key] = {"acc": acc, "images": n, "seconds": round(time.time() - start, 1)}
-        _atomic_write(results_path, json.dumps(results, indent=1))
+        write_json_atomic(results_path, results)
 
     rows, numbers = build_table({k: v for k, v in results.items() if k != "_meta"})
     table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-    _atomic_write(os.path.join(args.out, "table.md"), f"# {args.model} ({args.checkpoint})\n\n{table}")
-    with open(os.path.join(args.out, "table.csv.tmp"), "w", newline="") as f:
-        csv.writer(f).writerows([("metric", "value"), *rows])
-    os.replace(os.path.join(args.out, "table.csv.tmp"), os.path.join(args.out, "table.csv"))
+    write_text_atomic(os.path.join(args.out, "table.md"), f"# {args.model} ({args.checkpoint})\n\n{table}")
+    csv_text = io.StringIO()
+    csv.writer(csv_text).writerows([("metric", "value"), *rows])
+    write_text_atomic(os.path.join(args.out, "table.csv"), csv_text.getvalue())
     print(table)
     return 0
 

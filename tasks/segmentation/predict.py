@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tasks.files import atomic_path
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -60,9 +62,8 @@ def ade20k_palette() -> list[int]:
 
 
 def _write_png(image: Image.Image, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp)
 
 
 def predict_folder(module, input_dir: str, out_dir: str, scale=(2048, 512), scales=(1.0,), flip: bool = False,

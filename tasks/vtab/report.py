@@ -11,6 +11,7 @@ import os
 import statistics
 from collections import defaultdict
 
+from tasks.files import atomic_path, write_text_atomic
 from tasks.vtab.tasks import GROUPS, TASKS
 
 # Table 8 of the paper (top-1 %, mean over 5 seeds), columns in the order of tasks.vtab.tasks.TASKS.
@@ -122,13 +123,6 @@ def markdown_table(ours: dict[str, float], our_label: str, paper_row: str | None
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _csv_text(header: list[str], rows: list[list]) -> str:
     import io
 
@@ -169,10 +163,10 @@ def write_report(out: str, lrs: list[float] | None = None, seeds: list[int] | No
                      len(s["test_accs"]), paper.get(task, ""),
                      f"{mean - paper[task]:+.2f}" if mean is not None and task in paper else "", len(s["failed"])])
     paths = {name: os.path.join(out, name) for name in ("results.csv", "runs.csv", "table.md", "chart.png")}
-    _write_atomic(paths["results.csv"], _csv_text(header, rows))
+    write_text_atomic(paths["results.csv"], _csv_text(header, rows))
     run_keys = ["task", "phase", "lr", "seed", "status", "acc", "eval_loss", "train_loss", "num_train", "num_eval",
                 "seconds", "attempts", "error"]
-    _write_atomic(paths["runs.csv"], _csv_text(run_keys, [[r.get(k, "") for k in run_keys] for r in records]))
+    write_text_atomic(paths["runs.csv"], _csv_text(run_keys, [[r.get(k, "") for k in run_keys] for r in records]))
 
     label = f"{model} (ours)"
     text = [f"# VTAB-1K: {model}\n", f"Top-1 test accuracy (%), mean over {len(seeds)} seeds at the lr chosen on val200 "
@@ -191,7 +185,7 @@ def write_report(out: str, lrs: list[float] | None = None, seeds: list[int] | No
             first = (r.get("error") or "").strip().splitlines()
             text.append(f"- {r['task']} {r['phase']} lr {r['lr']:g} seed {r['seed']}: "
                         f"{first[-1] if first else 'unknown error'} (attempts: {r.get('attempts')})\n")
-    _write_atomic(paths["table.md"], "".join(text))
+    write_text_atomic(paths["table.md"], "".join(text))
     _chart(paths["chart.png"], ours, label, paper_row)
     return paths
 
@@ -219,7 +213,6 @@ def _chart(path: str, ours: dict[str, float], label: str, paper_row: str | None)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

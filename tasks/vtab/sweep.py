@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import vil
 from tasks.callbacks import CPUThreads
+from tasks.files import write_json_atomic
 from tasks.vtab.data import VtabDataError, VtabDataModule, decode_split, open_source
 from tasks.vtab.module import VtabModule
 from tasks.vtab.report import select_lr, write_report
@@ -192,16 +193,6 @@ def resolve_precision(cfg: dict, use_gpu: bool) -> str:
 
 
 # -- records ---------------------------------------------------------------------------------------------------------
-def write_json_atomic(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class RecordStore:
     """Run records in ``out/runs/<task>/<phase>-lr<lr>-seed<seed>.json``, shared by all shards."""
 
