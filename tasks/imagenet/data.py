@@ -38,7 +38,7 @@ from torch.utils.data._utils.collate import default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms import v2
 
-from tasks.imagenet.gpu_augment import BatchedTrainAugment
+from tasks.imagenet.gpu_augment import BLUR_SIGMA, BatchedTrainAugment, blur_kernel_size
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 # Errors PIL raises for files that are not (whole) images: truncated or garbage data, unknown formats.
@@ -86,10 +86,10 @@ def _few(items: Sequence[str], n: int = 5) -> str:
 
 
 # -- transforms ----------------------------------------------------------------------------------------------------------
-def three_augment(blur_sigma: tuple[float, float] = (0.1, 2.0)) -> v2.RandomChoice:
+def three_augment(blur_sigma: tuple[float, float] = BLUR_SIGMA) -> v2.RandomChoice:
     """DeiT-III's 3-Augment: one of grayscale, solarization (threshold 128 of 255) and Gaussian blur, each with
     probability 1/3. The blur kernel spans +-3 sigma of the largest sigma."""
-    kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
+    kernel = blur_kernel_size(blur_sigma)
     return v2.RandomChoice([
         v2.Grayscale(num_output_channels=3),
         v2.RandomSolarize(threshold=128, p=1.0),

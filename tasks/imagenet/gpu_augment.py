@@ -30,6 +30,12 @@ from torchvision.transforms.v2 import functional as F
 BICUBIC = v2.InterpolationMode.BICUBIC
 GRAYSCALE, SOLARIZE, BLUR = 0, 1, 2  # 3-Augment's branches, in the order of data.three_augment
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2  # ColorJitter's steps (its fn_idx numbering)
+BLUR_SIGMA = (0.1, 2.0)  # 3-Augment's Gaussian blur sigma range (DeiT-III)
+
+
+def blur_kernel_size(blur_sigma: tuple[float, float]) -> int:
+    """The blur kernel of 3-Augment: it spans +-3 sigma of the largest sigma."""
+    return 2 * math.ceil(3 * blur_sigma[1]) + 1
 
 
 @dataclass
@@ -162,12 +168,12 @@ class BatchedTrainAugment:
     (B, 3, img_size, img_size) uint8 batch. Same arguments as train_augment."""
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5,
-                 three_aug: bool = True, color_jitter: float = 0.3, blur_sigma: tuple[float, float] = (0.1, 2.0),
+                 three_aug: bool = True, color_jitter: float = 0.3, blur_sigma: tuple[float, float] = BLUR_SIGMA,
                  ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         self.img_size, self.scale, self.ratio = img_size, list(scale), list(ratio)
         self.hflip, self.three_aug, self.color_jitter = hflip, three_aug, color_jitter
         self.blur_sigma = blur_sigma
-        self.kernel_size = 2 * math.ceil(3 * blur_sigma[1]) + 1  # as data.three_augment
+        self.kernel_size = blur_kernel_size(blur_sigma)
 
     def sample(self, images: list[torch.Tensor]) -> AugmentParams:
         n = len(images)
