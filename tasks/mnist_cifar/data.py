@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset, random_split
 from torchvision.datasets import CIFAR10, MNIST
 
+from tasks.transforms import DeviceNormalize
+
 
 class _UncheckedCIFAR10(CIFAR10):
     """torchvision's CIFAR10 that checks only that the files exist (for copies whose checksums differ from the
@@ -65,6 +67,7 @@ class SmallImageDataModule(L.LightningDataModule):
         self.std = tuple(std or self.default_std)
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"{self.name}: mean and std need {self.in_chans} values, got {self.mean} and {self.std}")
+        self.normalize = DeviceNormalize(self.mean, self.std)
         self.splits: dict[str, TensorDataset] = {}
 
     # -- subclasses ------------------------------------------------------------------------------------------------
@@ -124,9 +127,7 @@ class SmallImageDataModule(L.LightningDataModule):
         if self.hparams.img_size and self.hparams.img_size != x.shape[-1]:
             size = self.hparams.img_size
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std, y
+        return self.normalize(x), y
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool) -> torch.Tensor:

@@ -24,12 +24,12 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from tasks.transforms import DeviceNormalize
 from tasks.vtab.tasks import SPLITS, Task, get_task, resolve_slices
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_LABEL = -100  # labels of the padding that fills the last evaluation batch; ignored by loss and accuracy
 
 
@@ -255,6 +255,7 @@ class VtabDataModule(L.LightningDataModule):
         self.train_split, self.eval_split = train_split, eval_split
         self.img_size, self.batch_size, self.eval_batch_size, self.seed = img_size, batch_size, eval_batch_size, seed
         self.arrays = dict(arrays or {})
+        self.normalize = DeviceNormalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, scale=255)  # of uint8 pixels
 
     def setup(self, stage: str | None = None):
         missing = [s for s in (self.train_split, self.eval_split) if s not in self.arrays]
@@ -290,7 +291,5 @@ class VtabDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         x, y = batch
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
-        x = (x.permute(0, 3, 1, 2).float() - mean) / std
+        x = self.normalize(x.permute(0, 3, 1, 2).float())
         return x.contiguous(), y
