@@ -83,7 +83,10 @@ class VilCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs):
         kwargs.setdefault("save_config_callback", RunConfig)
-        kwargs.setdefault("parser_kwargs", {"prog": "vil", "description": _DESCRIPTION, "epilog": _extra_commands_help()})
+        # The list of extra commands imports their modules (and the extras they need): only for the help text.
+        wants_help = any(a in ("-h", "--help") for a in (sys.argv[1:] if args is None else args))
+        epilog = _extra_commands_help() if wants_help else None
+        kwargs.setdefault("parser_kwargs", {"prog": "vil", "description": _DESCRIPTION, "epilog": epilog})
         super().__init__(BackboneModule, subclass_mode_model=True, subclass_mode_data=True, args=args, **kwargs)
 
     def add_core_arguments_to_parser(self, parser):

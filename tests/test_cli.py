@@ -34,6 +34,22 @@ def test_import_vil_does_not_import_lightning():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
+def test_a_fit_imports_no_extra_command_module():
+    # The extra commands' modules pull in their extras (mmseg, tfds); only `vil --help` lists (imports) them.
+    code = (
+        "import sys\n"
+        "from tasks import cli\n"
+        "try:\n"
+        "    cli.VilCLI(args=['fit', '--config', 'experiments/digits/vil_digits.yaml', '--print_config'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "modules = [t.partition(':')[0] for t in cli.COMMANDS.values() if isinstance(t, str)]\n"
+        "assert modules, 'no extra commands registered'\n"
+        "loaded = [m for m in modules if m in sys.modules]\n"
+        "assert not loaded, loaded\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, cwd=ROOT, capture_output=True)
+
+
 def test_console_scripts():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["vil"] == scripts["vil-classify"] == "tasks.cli:main"
