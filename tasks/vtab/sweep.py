@@ -151,7 +151,8 @@ def report_main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"vil vtab report: error: {e}", file=sys.stderr)
         return 2
-    print(open(paths["table.md"]).read())
+    with open(paths["table.md"]) as f:
+        print(f.read())
     print("wrote " + ", ".join(paths.values()))
     return 0
 
@@ -194,23 +195,36 @@ def resolve_precision(cfg: dict, use_gpu: bool) -> str:
 
 # -- records ---------------------------------------------------------------------------------------------------------
 class RecordStore:
-    """Run records in ``out/runs/<task>/<phase>-lr<lr>-seed<seed>.json``, shared by all shards."""
+    """Run records in ``out/runs/<task>/<phase>-lr<lr>-seed<seed>.json``, shared by all shards.
+
+    A finished run's record (status ``ok``) never changes, so it is read from disk once and then kept: the
+    scheduler asks for every lr-search record of every task at each turn of its loop."""
 
     def __init__(self, out: str):
         self.out = out
+        self._finished: dict[RunSpec, dict] = {}
 
     def path(self, spec: RunSpec) -> str:
         return os.path.join(self.out, "runs", f"{spec.name}.json")
 
     def read(self, spec: RunSpec) -> dict | None:
+        if spec in self._finished:
+            return self._finished[spec]
         try:
             with open(self.path(spec)) as f:
-                return json.load(f)
+                record = json.load(f)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+        self._keep(spec, record)
+        return record
 
     def write(self, spec: RunSpec, record: dict) -> None:
         write_json_atomic(self.path(spec), record)
+        self._keep(spec, record)
+
+    def _keep(self, spec: RunSpec, record: dict) -> None:
+        if record.get("status") == "ok":
+            self._finished[spec] = record
 
 
 def check_settings(out: str, settings: dict) -> None:
@@ -602,7 +616,8 @@ def run_sweep(cfg: dict) -> int:
         pool.close()
 
     paths = write_report(cfg["out"], lrs=lrs, seeds=seeds, model=cfg["model"])
-    print(open(paths["table.md"]).read())
+    with open(paths["table.md"]) as f:
+        print(f.read())
     print(f"vil vtab: {len(done)} of {total} runs finished ({skipped} from earlier), {len(given_up)} failed"
           + (f"; blocked tasks: {blocked}" if blocked else "") + f"; wrote {', '.join(paths.values())}")
     return 1 if given_up or blocked else 0
