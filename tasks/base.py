@@ -88,9 +88,7 @@ class BackboneModule(L.LightningModule):
         (``create_timm_model``). A task comparing against another timm backbone may override this; the module
         must offer what ``param_groups`` and ``configure_model`` use (``no_weight_decay``; for layer decay
         ``depth`` and ``lr_layer_id``; ``compile_blocks`` or ``blocks``)."""
-        if self.hparams.get("library", "vil") == "timm":
-            return create_timm_model(model, checkpoint=checkpoint, **model_kwargs)
-        return vil.create_model(model, checkpoint=checkpoint, **model_kwargs)
+        return create_backbone(self.hparams.library, model, checkpoint, **model_kwargs)
 
     def compile_choice(self) -> str:
         """``hparams.compile`` with ``auto`` resolved for the device the trainer runs the module on."""
@@ -282,6 +280,13 @@ class BackboneModule(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
         return None
+
+
+def create_backbone(library: str, model: str, checkpoint: str | None = None, **kwargs) -> nn.Module:
+    """``model`` from ``library``: ``vil`` (``vil.create_model``) or ``timm`` (``create_timm_model``)."""
+    if library == "timm":
+        return create_timm_model(model, checkpoint=checkpoint, **kwargs)
+    return vil.create_model(model, checkpoint=checkpoint, **kwargs)
 
 
 def create_timm_model(name: str, checkpoint: str | None = None, **kwargs) -> nn.Module:

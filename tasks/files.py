@@ -39,3 +39,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=1))
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON document in ``path``; None when the file does not exist or holds no whole document."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import shlex
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 from experiments.rows import ROWS, Row, Stage, get_row, rows_of_table
-from tasks.files import atomic_path, write_json_atomic, write_text_atomic
+from tasks.files import atomic_path, read_json, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "runs"
@@ -38,13 +37,6 @@ class RowError(Exception):
 # -- markers and status -------------------------------------------------------------------------------------------------
 def stage_dir(out: str | os.PathLike, row: Row, stage: Stage) -> Path:
     return Path(out) / row.id / stage.name
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -63,7 +55,7 @@ def stage_status(out, row: Row, stage: Stage) -> str:
     folder = stage_dir(out, row, stage)
     if (folder / "done.json").is_file():
         return "done"
-    running = _read_json(folder / "running.json")
+    running = read_json(folder / "running.json")
     if running:
         if running.get("host") != socket.gethostname() or _pid_alive(int(running.get("pid", -1))):
             return "running"
@@ -244,7 +236,7 @@ def run_row(row: Row, out: str | os.PathLike, overrides: list[str] = (), devices
     handed: dict[str, Path | None] = {}
     for i, stage in enumerate(row.stages):
         folder = stage_dir(out, row, stage)
-        done = _read_json(folder / "done.json")
+        done = read_json(folder / "done.json")
         selected = not stages or stage.name in stages
         if stage.takes is not None and stage.takes not in handed:
             raise RowError(f"stage {stage.name} of {row.id} takes the checkpoint of {stage.takes}, which comes later")
@@ -322,16 +314,9 @@ def run_main(argv: list[str]) -> int:
 # -- metrics of finished stages -----------------------------------------------------------------------------------------
 def read_metrics_csv(path: Path) -> dict[str, float]:
     """The last logged value of every column of a run's metrics.csv."""
-    last: dict[str, float] = {}
-    with open(path, newline="") as f:
-        for rec in csv.DictReader(f):
-            for k, v in rec.items():
-                if v not in (None, "") and k not in ("epoch", "step"):
-                    try:
-                        last[k] = float(v)
-                    except ValueError:
-                        pass
-    return last
+    from tasks.callbacks import read_metrics
+
+    return {key: series[-1][1] for key, series in read_metrics(str(path)).items()}
 
 
 def _percent(key: str, value: float) -> float:
@@ -360,7 +345,7 @@ def stage_metrics(out, row: Row, stage: Stage) -> dict[str, float]:
     if stage.command == "robustness":
         from tasks.imagenet.robustness import build_table
 
-        results = _read_json(folder / "results.json") or {}
+        results = read_json(folder / "results.json") or {}
         return build_table({k: v for k, v in results.items() if k != "_meta"})[1]
     if stage.command == "python":
         path = folder / "benchmark.csv"
@@ -416,8 +401,6 @@ def report_markdown(records: list[dict]) -> str:
              "(for IN-C mCE and hours lower is better).\n"]
     for table, title in TABLE_TITLES.items():
         recs = [r for r in records if any(t.rstrip("abcd") == table for t in r["tables"])]
-        if table == "8":
-            recs = [r for r in records if "8" in r["tables"]]
         if not recs:
             continue
         parts.append(f"\n## {title}\n\n")
@@ -437,6 +420,7 @@ def _run_config(run: Path) -> dict:
 def accuracy_vs_flops(out) -> list[dict]:
     """Points (model, GFLOPs at the stage's resolution, top-1) of finished ImageNet classification stages."""
     import vil
+    from tasks.base import create_backbone
 
     points = []
     for row in ROWS.values():
@@ -452,12 +436,8 @@ def accuracy_vs_flops(out) -> list[dict]:
             kwargs = dict(init.get("model_kwargs") or {})
             res = kwargs.get("img_size", 224)
             try:
-                if init.get("library", "vil") == "timm":
-                    import timm
-
-                    model = timm.create_model(init["model"], num_classes=init.get("num_classes", 1000), **kwargs)
-                else:
-                    model = vil.create_model(init["model"], num_classes=init.get("num_classes", 1000), **kwargs)
+                model = create_backbone(init.get("library", "vil"), init["model"],
+                                        num_classes=init.get("num_classes", 1000), **kwargs)
                 flops = vil.count_flops(model, res) / 1e9
             except Exception as e:  # a model the counter cannot build is left out of the plot, named
                 print(f"vil report: no FLOPs for {row.id}/{stage.name}: {e}", file=sys.stderr)

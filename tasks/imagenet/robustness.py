@@ -234,7 +234,10 @@ def _run(argv: list[str] | None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
-    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    results = {}
+    if os.path.isfile(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
     meta = {"model": args.model, "checkpoint": os.path.abspath(args.checkpoint), "img_size": args.img_size}
     if results.get("_meta", meta) != meta:
         print(f"vil robustness: error: {results_path} holds results of {results['_meta']}; use another --out",

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import vil
 from tasks.callbacks import CPUThreads
-from tasks.files import write_json_atomic
+from tasks.files import read_json, write_json_atomic
 from tasks.vtab.data import VtabDataError, VtabDataModule, decode_split, open_source
 from tasks.vtab.module import VtabModule
 from tasks.vtab.report import select_lr, write_report
@@ -210,10 +210,8 @@ class RecordStore:
     def read(self, spec: RunSpec) -> dict | None:
         if spec in self._finished:
             return self._finished[spec]
-        try:
-            with open(self.path(spec)) as f:
-                record = json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
+        record = read_json(self.path(spec))
+        if record is None:
             return None
         self._keep(spec, record)
         return record
