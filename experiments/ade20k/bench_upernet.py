@@ -53,8 +53,7 @@ def measure(name: str, kwargs: dict, crop: int, batch: int, steps: int, warmup: 
         s.set_metainfo(dict(img_shape=(crop, crop), ori_shape=(crop, crop), pad_shape=(crop, crop)))
 
     def step():
-        if module.compiled == "blocks-cudagraphs":
-            torch.compiler.cudagraph_mark_step_begin()
+        module._mark_cudagraph_step()
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss, _ = module.segmentor.parse_losses(module.segmentor.loss(x, samples))
         scaler.scale(loss).backward()

@@ -59,7 +59,6 @@ class ViL(BaseModule):
             raise ValueError(f"out_indices {bad} out of range: the model has {num_taps} feature taps")
         self.out_indices = tuple(i % num_taps for i in self.out_indices)
         model.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
-        self.embed_dim = getattr(model, "num_features", None)
         if own_model:
             self.model = model
         else:
@@ -69,12 +68,6 @@ class ViL(BaseModule):
     def vil(self) -> nn.Module:
         """The wrapped backbone."""
         return self.model if "model" in self._modules else self._shared_model[0]
-
-    def share(self, model: nn.Module) -> None:
-        """Point a reference-only adapter at ``model`` (the owner replaced its module, e.g. by compiling it)."""
-        if "model" in self._modules:
-            raise RuntimeError("this adapter owns its model; assign .model instead")
-        self._shared_model[0] = model
 
     def init_weights(self):
         # mmengine calls init_weights on every child with one; VisionLSTM.init_weights would replace the

@@ -122,13 +122,14 @@ def train_pipeline(crop_size: int = 512, scale: Sequence[int] = (2048, 512), rat
     ]
 
 
-def test_pipeline(scale: Sequence[int] = (2048, 512)) -> list[dict]:
+def test_pipeline(scale: Sequence[int] = (2048, 512), with_mask: bool = True) -> list[dict]:
     # The mask is loaded after the resize, so that it keeps the original size and the score is taken there
-    # (mmseg's ADE20K configs do the same).
+    # (mmseg's ADE20K configs do the same). Prediction of unlabeled images goes without it.
+    mask = [dict(type="LoadCheckedMask")] if with_mask else []
     return [
         dict(type="LoadCheckedImage"),
         dict(type="Resize", scale=tuple(scale), keep_ratio=True),
-        dict(type="LoadCheckedMask"),
+        *mask,
         dict(type="PackSegInputs"),
     ]
 

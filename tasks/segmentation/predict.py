@@ -73,7 +73,7 @@ def predict_folder(module, input_dir: str, out_dir: str, scale=(2048, 512), scal
     from mmengine.registry import DefaultScope
     from tqdm import tqdm
 
-    from tasks.segmentation.data import BadSampleError
+    from tasks.segmentation.data import BadSampleError, test_pipeline
 
     if not os.path.isdir(input_dir):
         raise FileNotFoundError(f"--input {input_dir} is not a folder")
@@ -81,11 +81,8 @@ def predict_folder(module, input_dir: str, out_dir: str, scale=(2048, 512), scal
     if not names:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {input_dir}")
     color_dir, label_dir = os.path.join(out_dir, "color"), os.path.join(out_dir, "labels")
-    os.makedirs(color_dir, exist_ok=True)
-    os.makedirs(label_dir, exist_ok=True)
     with DefaultScope.overwrite_default_scope("mmseg"):
-        pipeline = Compose([dict(type="LoadCheckedImage"), dict(type="Resize", scale=tuple(scale), keep_ratio=True),
-                            dict(type="PackSegInputs")])
+        pipeline = Compose(test_pipeline(scale, with_mask=False))
     palette = ade20k_palette()
     written, failed = 0, []
     for name in tqdm(names, desc="segment", unit="img"):
